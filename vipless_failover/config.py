@@ -27,6 +27,9 @@ RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 #: (iproute2 shows it by number; 0..4 are the kernel's and 8..19, 42, 186-188 are taken
 #: by known daemons).
 DEFAULT_RT_PROTOCOL = 98
+#: per-VIP mode announces each address of each VIP prefix; the expansion is capped here
+#: (larger sets belong in next-hop mode: one address, one announcement).
+MAX_ANNOUNCED_VIPS = 65_536
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos")
 FORWARD_METHODS = ("nat", "tun", "dr")
 SERVICE_FLAGS = ("persistent", "hashed", "onepacket", "sh-fallback", "sh-port", "mh-fallback", "mh-port")
@@ -489,6 +492,11 @@ def _announce(t: _Table, node: NodeConfig) -> AnnounceConfig:
     for i, vip in enumerate(vips):
         if node.address in vip:
             raise ConfigError(f"{t.key('vips')}[{i}]", f"contains this director's own address {node.address}")
+    if mode == "per-vip":
+        total = sum(v.num_addresses for v in vips)
+        if total > MAX_ANNOUNCED_VIPS:
+            raise ConfigError(t.key("vips"), f"expands to {total} addresses; per-VIP mode announces at most "
+                                             f"{MAX_ANNOUNCED_VIPS} (use mode = \"next-hop\" for more)")
     next_hop = None
     if t.has("next_hop"):
         value = t.str("next_hop")
