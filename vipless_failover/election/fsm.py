@@ -1,0 +1,702 @@
+"""The election state machine: VRRP semantics (RFC 5798) plus lossless hand-over.
+
+Pure: no sockets, no clock, no kernel. The daemon feeds it
+
+* ``handle_advert(msg, src, now)`` for every authentic advert,
+* ``handle_timer(now)`` when ``next_deadline()`` has passed,
+* ``handle_command(cmd, now)`` for Start/Stop/Promote/Demote/faults/priority,
+
+and executes the frozen-dataclass actions each call returns, in order. ``now`` is a
+monotonic time in seconds (float).
+
+State changes are listed in one table, :data:`TRANSITIONS`; ``docs/state-diagram.md``
+is generated from it (``python -m vipless_failover.election.fsm``). Everything else an
+input does (resetting a timer, re-asserting, recording a peer) leaves the state as it is.
+
+Hand-over (``demote``, ``promote``, preemption, SIGTERM) never has two nodes advertising
+as master or announcing at once: the old master first sends a HANDOVER advert naming its
+successor and stops announcing (it is BACKUP from then on); the successor becomes master
+the moment it hears it; the old master keeps its delivery rules installed (``draining``)
+until it hears the new master plus ``drain_margin``, at most ``drain_max``, then withdraws.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections import deque
+from dataclasses import dataclass
+
+from .protocol import Advert, Flag, State
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# ---------------------------------------------------------------------------
+# inputs: commands
+
+
+@dataclass(frozen=True)
+class Start:
+    """Leave INIT. ``resume_master``: this process replaces a master that restarted in
+    place (the peers are holding their timers): become master at once, adopting state."""
+
+    resume_master: bool = False
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Graceful stop. ``restart``: a master asks its peers to hold for restart_hold and
+    exits keeping its kernel state (the next process resumes)."""
+
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Become master now, taken over losslessly from the current master."""
+
+
+@dataclass(frozen=True)
+class Demote:
+    """Hand mastership to the best live backup."""
+
+
+@dataclass(frozen=True)
+class SetFault:
+    """A tracked item (``link:eth0``, ``check:name``) failed (True) or recovered (False)."""
+
+    item: str
+    failed: bool
+
+
+@dataclass(frozen=True)
+class SetPriority:
+    """The effective priority changed (tracking weights)."""
+
+    priority: int
+
+
+@dataclass(frozen=True)
+class SetMaintenance:
+    """Maintenance: stay backup (a master hands over first)."""
+
+    on: bool
+
+
+Command = Start | Stop | Promote | Demote | SetFault | SetPriority | SetMaintenance
+
+
+# ---------------------------------------------------------------------------
+# outputs: actions
+
+
+@dataclass(frozen=True)
+class SendAdvert:
+    state: State
+    priority: int
+    flags: Flag = Flag.NONE
+    successor: str = ""
+    hold_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Transition:
+    old: State
+    new: State
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstallDelivery:
+    """Install the delivery rules (idempotent)."""
+
+
+@dataclass(frozen=True)
+class WithdrawDelivery:
+    """Remove the delivery rules (idempotent)."""
+
+
+@dataclass(frozen=True)
+class StartAnnounce:
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopAnnounce:
+    """Stop every announcement at once."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """The graceful stop is complete; ``restart``: kernel state left for the next process."""
+
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A command that cannot be carried out now, and why."""
+
+    command: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something worth a log line and a metric: split_brain, config_mismatch,
+    master_down, takeover_request, handover, drain_done, peer_restarting."""
+
+    kind: str
+    peer: str = ""
+    detail: str = ""
+
+
+Action = (SendAdvert | Transition | InstallDelivery | WithdrawDelivery | StartAnnounce
+          | StopAnnounce | Exit | Refused | Notice)
+
+
+# ---------------------------------------------------------------------------
+# the transition table
+
+
+class Event(enum.Enum):
+    START = "start"
+    RESUME = "resume"
+    MASTER_DOWN = "master_down"  # master-down timer expired
+    PROMOTE_UNOPPOSED = "promote"  # promote with no live master
+    HANDOVER_TO_ME = "handover"  # the master named us its successor
+    HIGHER_MASTER = "higher_priority_master"
+    TAKEOVER_REQUEST = "takeover_request"  # a peer asked for mastership (promote/preempt)
+    DEMOTE = "demote"
+    MAINTENANCE = "maintenance"
+    STOP = "stop"
+    FAULT = "fault"
+    FAULT_CLEARED = "fault_cleared"
+
+
+#: state -> event -> new state. Every state change of the FSM is one entry here.
+TRANSITIONS: dict[State, dict[Event, State]] = {
+    State.INIT: {
+        Event.START: State.BACKUP,
+        Event.RESUME: State.MASTER,
+        Event.FAULT: State.FAULT,
+    },
+    State.BACKUP: {
+        Event.MASTER_DOWN: State.MASTER,
+        Event.PROMOTE_UNOPPOSED: State.MASTER,
+        Event.HANDOVER_TO_ME: State.MASTER,
+        Event.FAULT: State.FAULT,
+    },
+    State.MASTER: {
+        Event.HIGHER_MASTER: State.BACKUP,
+        Event.TAKEOVER_REQUEST: State.BACKUP,
+        Event.DEMOTE: State.BACKUP,
+        Event.MAINTENANCE: State.BACKUP,
+        Event.STOP: State.BACKUP,
+        Event.FAULT: State.FAULT,
+    },
+    State.FAULT: {
+        Event.FAULT_CLEARED: State.BACKUP,
+    },
+}
+
+
+class LocalError(Exception):
+    """The FSM was driven wrongly by its own caller (a bug, not a peer's fault)."""
+
+
+def mermaid_diagram() -> str:
+    """The state diagram, drawn from :data:`TRANSITIONS`."""
+    lines = ["stateDiagram-v2", "    [*] --> INIT"]
+    for src, events in TRANSITIONS.items():
+        for event, dst in events.items():
+            lines.append(f"    {src.name} --> {dst.name}: {event.value}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# the machine
+
+
+@dataclass(frozen=True)
+class Params:
+    node: str
+    address: IPAddress
+    priority: int  # configured (base) priority, 1..254
+    advert_interval_ms: int
+    preempt: bool = True
+    preempt_delay_ms: int = 0
+    drain_margin_ms: int = 200
+    drain_max_ms: int = 3000
+    restart_hold_ms: int = 10_000
+    config_digest: bytes = b"\x00" * 16
+
+    @classmethod
+    def from_config(cls, cfg, digest: bytes) -> "Params":
+        e = cfg.election
+        return cls(node=cfg.node.name, address=cfg.node.address, priority=e.priority,
+                   advert_interval_ms=e.advert_interval_ms, preempt=e.preempt,
+                   preempt_delay_ms=e.preempt_delay_ms, drain_margin_ms=e.drain_margin_ms,
+                   drain_max_ms=e.drain_max_ms, restart_hold_ms=e.restart_hold_ms,
+                   config_digest=digest[:16])
+
+
+@dataclass
+class Peer:
+    node: str
+    address: IPAddress
+    priority: int
+    state: State
+    advert_interval_ms: int
+    last_seen: float
+    config_match: bool
+
+
+@dataclass
+class Drain:
+    """The old master after a hand-over: still delivering, no longer master."""
+
+    successor: str
+    started: float
+    cap: float  # started + drain_max
+    heard: float | None = None  # when the new master was first heard
+    resend_at: float = 0.0  # next HANDOVER re-send while the successor is silent
+    flags: Flag = Flag.HANDOVER
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: float
+    old: State
+    new: State
+    reason: str
+
+
+class Election:
+    """One node's election state. See the module docstring."""
+
+    HISTORY = 16
+
+    def __init__(self, params: Params):
+        self.p = params
+        self.state = State.INIT
+        self.priority = params.priority  # effective priority
+        self.faults: set[str] = set()
+        self.maintenance = False
+        self.peers: dict[str, Peer] = {}
+        self.master: str | None = None  # node name of the current master (self.p.node if us)
+        self.master_interval_ms = params.advert_interval_ms
+        self.master_down_at: float | None = None
+        self.advert_at: float | None = None
+        self.drain: Drain | None = None
+        self.stopping = False
+        self.yielded = False  # handed over on request: do not preempt the new master
+        self.started_at: float | None = None
+        self.promote_until: float | None = None  # a promote is pending until then
+        self.request_at: float = 0.0  # next takeover request may be sent at
+        self.history: deque[HistoryEntry] = deque(maxlen=self.HISTORY)
+        self._mismatch_reported: set[str] = set()
+
+    # -- timing -------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        return self.p.advert_interval_ms / 1000.0
+
+    def skew(self, priority: int | None = None) -> float:
+        prio = self.priority if priority is None else priority
+        return ((256 - prio) * self.master_interval_ms / 256.0) / 1000.0
+
+    def master_down_interval(self) -> float:
+        return 3 * self.master_interval_ms / 1000.0 + self.skew()
+
+    def next_deadline(self) -> float | None:
+        times = [self.advert_at, self.master_down_at]
+        if self.drain is not None:
+            times.append(self._drain_end())
+            if self.drain.heard is None:
+                times.append(self.drain.resend_at)
+        if self.promote_until is not None:
+            times.append(min(self.promote_until, self.request_at))
+        live = [t for t in times if t is not None]
+        return min(live) if live else None
+
+    def _drain_end(self) -> float:
+        d = self.drain
+        assert d is not None
+        if d.heard is None:
+            return d.cap
+        return min(d.cap, d.heard + self.p.drain_margin_ms / 1000.0)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _advert(self, flags: Flag = Flag.NONE, successor: str = "", hold_ms: int = 0,
+                priority: int | None = None, state: State | None = None) -> SendAdvert:
+        if priority is None:
+            priority = 0 if self.stopping else self.priority
+        return SendAdvert(state=self.state if state is None else state, priority=priority,
+                          flags=flags, successor=successor, hold_ms=hold_ms)
+
+    def _go(self, event: Event, now: float, reason: str | None = None) -> list[Action]:
+        """Apply a table transition and return the entry actions of the new state."""
+        try:
+            new = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise LocalError(f"no transition from {self.state.name} on {event.value}") from None
+        old, self.state = self.state, new
+        why = reason or event.value
+        self.history.append(HistoryEntry(at=now, old=old, new=new, reason=why))
+        actions: list[Action] = [Transition(old, new, why)]
+        if new is State.MASTER:
+            actions += self._enter_master(now, why)
+        elif new is State.BACKUP:
+            self._arm_master_down(now)
+            self.advert_at = now + self.interval
+            if old is State.MASTER:
+                actions.append(StopAnnounce())
+                self.master = None
+            elif self.drain is None:
+                actions.append(WithdrawDelivery())
+        elif new is State.FAULT:
+            self.master_down_at = None
+            self.advert_at = None
+            self.promote_until = None
+            if old is State.MASTER:
+                # hand over at once: the best backup needs no skew wait
+                best = self._best_backup(now)
+                actions += [StopAnnounce(),
+                            SendAdvert(State.FAULT, 0, Flag.HANDOVER | Flag.STOPPING if best else Flag.STOPPING,
+                                       best.node if best else "")]
+                self.master = None
+            if self.drain is not None:
+                self.drain = None
+            actions.append(WithdrawDelivery())
+        return actions
+
+    def _enter_master(self, now: float, reason: str) -> list[Action]:
+        self.master = self.p.node
+        self.master_interval_ms = self.p.advert_interval_ms
+        self.master_down_at = None
+        self.promote_until = None
+        self.yielded = False
+        self.drain = None
+        self.advert_at = now + self.interval
+        return [InstallDelivery(), self._advert(), StartAnnounce(reason)]
+
+    def _arm_master_down(self, now: float, at_least: float = 0.0) -> None:
+        self.master_down_at = now + max(self.master_down_interval(), at_least)
+
+    def _live_backups(self, now: float) -> list[Peer]:
+        horizon = 3 * self.interval + self.skew(1)
+        return [p for p in self.peers.values()
+                if p.state is State.BACKUP and p.priority > 0 and now - p.last_seen <= horizon]
+
+    def _best_backup(self, now: float) -> Peer | None:
+        live = self._live_backups(now)
+        if not live:
+            return None
+        return max(live, key=lambda p: (p.priority, int(p.address)))
+
+    def _hand_over(self, event: Event, now: float, successor: str, flags: Flag = Flag.HANDOVER,
+                   priority: int | None = None) -> list[Action]:
+        """MASTER -> BACKUP keeping delivery for the drain; the first advert names the successor."""
+        prio = self.priority if priority is None else priority
+        actions = self._go(event, now, reason=f"{event.value}:{successor}")
+        # _go(BACKUP) emitted StopAnnounce; the HANDOVER advert must follow it at once.
+        self.drain = Drain(successor=successor, started=now, cap=now + self.p.drain_max_ms / 1000.0,
+                           resend_at=now + self.interval, flags=flags, priority=prio)
+        actions.append(SendAdvert(State.BACKUP, prio, flags, successor))
+        actions.append(Notice("handover", successor, event.value))
+        # do not send a plain BACKUP advert right away: the HANDOVER one is what peers need
+        self.advert_at = now + self.interval
+        # if the successor never shows up, take back over after the full master-down time
+        self.master_down_at = now + self.master_down_interval()
+        return actions
+
+    def _peer_beats_us(self, msg: Advert) -> bool:
+        if msg.priority != self.priority:
+            return msg.priority > self.priority
+        return int(msg.address) > int(self.p.address)
+
+    def _may_preempt(self, now: float) -> bool:
+        return (self.p.preempt and not self.yielded and not self.maintenance and not self.faults
+                and not self.stopping
+                and self.started_at is not None
+                and now >= self.started_at + self.p.preempt_delay_ms / 1000.0)
+
+    # -- inputs -------------------------------------------------------------
+
+    def handle_advert(self, msg: Advert, src: IPAddress, now: float) -> list[Action]:
+        """An authentic, fresh advert from a peer (the decoder has checked it)."""
+        if msg.node == self.p.node:
+            return []
+        actions: list[Action] = []
+        match = msg.config_digest == self.p.config_digest
+        self.peers[msg.node] = Peer(node=msg.node, address=msg.address, priority=msg.priority,
+                                    state=msg.state, advert_interval_ms=msg.advert_interval_ms,
+                                    last_seen=now, config_match=match)
+        if not match and msg.node not in self._mismatch_reported:
+            self._mismatch_reported.add(msg.node)
+            actions.append(Notice("config_mismatch", msg.node, "shared config digest differs"))
+        elif match:
+            self._mismatch_reported.discard(msg.node)
+
+        if self.state is State.BACKUP:
+            actions += self._backup_hears(msg, now)
+        elif self.state is State.MASTER:
+            actions += self._master_hears(msg, now)
+        elif msg.state is State.MASTER:
+            self.master = msg.node  # INIT/FAULT: remember who serves, for status
+        return actions
+
+    def _backup_hears(self, msg: Advert, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if msg.flags & Flag.HANDOVER:
+            if msg.successor == self.p.node and not self.maintenance and not self.faults \
+                    and not self.stopping:
+                return actions + self._go(Event.HANDOVER_TO_ME, now, reason=f"handover:{msg.node}")
+            self.master = None
+            self.master_interval_ms = msg.advert_interval_ms or self.master_interval_ms
+            if msg.successor:
+                self._arm_master_down(now)  # the successor takes over at once; wait for it
+            else:
+                self.master_down_at = now + self.skew()  # plain priority-0 stop (VRRP)
+            return actions
+        if msg.priority == 0 and (msg.state is State.MASTER or msg.node == self.master):
+            self.master = None  # the master is leaving (VRRP priority 0): wait only our skew
+            self.master_down_at = now + self.skew()
+            return actions
+        if msg.state is not State.MASTER:
+            return actions
+        if self.drain is not None and self.drain.heard is None:
+            self.drain.heard = now
+        self.master = msg.node
+        self.master_interval_ms = msg.advert_interval_ms
+        if msg.flags & Flag.RESTARTING:
+            actions.append(Notice("peer_restarting", msg.node, f"hold {msg.hold_ms} ms"))
+            self._arm_master_down(now, at_least=msg.hold_ms / 1000.0)
+            return actions
+        if msg.priority < self.priority and self._may_preempt(now):
+            # Preempt without a gap: ask the master to hand over; keep our timer
+            # running (RFC 5798 behaviour) in case the master never answers.
+            if self.master_down_at is None:
+                self._arm_master_down(now)
+            return actions + self._request_takeover(now, "preempt")
+        self._arm_master_down(now)
+        if self.promote_until is not None:
+            actions += self._request_takeover(now, "promote")
+        return actions
+
+    def _request_takeover(self, now: float, why: str) -> list[Action]:
+        if now < self.request_at:
+            return []
+        self.request_at = now + self.interval
+        return [SendAdvert(State.BACKUP, self.priority, Flag.TAKEOVER_REQUEST, self.p.node),
+                Notice("takeover_request", self.master or "", why)]
+
+    def _master_hears(self, msg: Advert, now: float) -> list[Action]:
+        if msg.flags & Flag.HANDOVER and msg.successor == self.p.node:
+            # a peer that was master too (split brain) yielded to us: heal the router
+            self.advert_at = now + self.interval
+            return [self._advert(), StartAnnounce("peer_yielded")]
+        if msg.flags & Flag.TAKEOVER_REQUEST and msg.state is State.BACKUP:
+            if msg.priority == 0:
+                return []
+            promote = msg.priority <= self.priority  # a lower node asked: it was promoted
+            actions = self._hand_over(Event.TAKEOVER_REQUEST, now, msg.node)
+            self.yielded = promote
+            return actions
+        if msg.state is not State.MASTER:
+            return []
+        actions: list[Action] = [Notice("split_brain", msg.node,
+                                        f"peer master priority {msg.priority}")]
+        if msg.priority > 0 and self._peer_beats_us(msg):
+            actions += self._go(Event.HIGHER_MASTER, now, reason=f"higher_priority_master:{msg.node}")
+            self.master = msg.node
+            self.master_interval_ms = msg.advert_interval_ms
+            self._arm_master_down(now)
+            # keep delivering for the margin: the router may still send to us
+            self.drain = Drain(successor=msg.node, started=now, cap=now + self.p.drain_max_ms / 1000.0,
+                               heard=now)
+            # tell the winner we yielded: it re-announces, so the router ends pointing at it
+            return actions + [SendAdvert(State.BACKUP, self.priority, Flag.HANDOVER, msg.node)]
+        # a lower-priority master: re-assert so stale router caches heal
+        self.advert_at = now + self.interval
+        return actions + [self._advert(), StartAnnounce("reassert")]
+
+    def handle_timer(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        d = self.drain
+        if d is not None:
+            if now >= self._drain_end():
+                self.drain = None
+                actions += [WithdrawDelivery(), Notice("drain_done", d.successor,
+                                                       "heard" if d.heard is not None else "cap")]
+                if self.stopping:
+                    return actions + [Exit()]
+            elif d.heard is None and now >= d.resend_at:
+                d.resend_at = now + self.interval
+                actions.append(SendAdvert(State.BACKUP, d.priority, d.flags, d.successor))
+        if self.state is State.BACKUP and self.master_down_at is not None and now >= self.master_down_at:
+            if self.maintenance or self.stopping:
+                self.master = None
+                self._arm_master_down(now)
+            else:
+                self.master_interval_ms = self.p.advert_interval_ms
+                actions.append(Notice("master_down", self.master or ""))
+                return actions + self._go(Event.MASTER_DOWN, now)
+        if self.promote_until is not None:
+            if now >= self.promote_until:
+                self.promote_until = None
+                actions.append(Refused("promote", "the master did not hand over in time"))
+            elif now >= self.request_at:
+                actions += self._request_takeover(now, "promote")
+        if self.advert_at is not None and now >= self.advert_at and self.state in (State.MASTER, State.BACKUP):
+            behind = now - self.advert_at
+            self.advert_at = (self.advert_at + self.interval) if behind < self.interval else now + self.interval
+            if self.drain is None or self.drain.heard is not None:
+                actions.append(self._advert())
+        return actions
+
+    def handle_command(self, cmd: Command, now: float) -> list[Action]:
+        match cmd:
+            case Start(resume_master=resume):
+                if self.state is not State.INIT:
+                    raise LocalError("Start twice")
+                self.started_at = now
+                if self.faults:
+                    return self._go(Event.FAULT, now, reason="fault:" + ",".join(sorted(self.faults)))
+                if resume:
+                    return self._go(Event.RESUME, now, reason="resume_after_restart")
+                return self._go(Event.START, now) + [self._advert()]  # peers learn of us at once
+            case Stop(restart=True):
+                self.stopping = True
+                if self.state is State.MASTER:
+                    return [self._advert(flags=Flag.RESTARTING, hold_ms=self.p.restart_hold_ms,
+                                         priority=self.priority),
+                            Exit(restart=True)]
+                return [Exit(restart=True)]
+            case Stop():
+                self.stopping = True
+                self.promote_until = None
+                if self.state is State.MASTER:
+                    best = self._best_backup(now)
+                    if best is None:
+                        actions = self._go(Event.STOP, now, reason="stop:no_backup")
+                        self.drain = None
+                        return actions + [SendAdvert(State.BACKUP, 0, Flag.STOPPING),
+                                          WithdrawDelivery(), Exit()]
+                    return self._hand_over(Event.STOP, now, best.node,
+                                           flags=Flag.HANDOVER | Flag.STOPPING, priority=0)
+                if self.state is State.BACKUP and self.drain is not None:
+                    return []  # the drain ends with Exit
+                actions: list[Action] = []
+                if self.state is State.BACKUP:
+                    actions.append(SendAdvert(State.BACKUP, 0, Flag.STOPPING))
+                return actions + [WithdrawDelivery(), Exit()]
+            case Promote():
+                if self.state is State.MASTER:
+                    return []
+                if self.state is not State.BACKUP or self.faults:
+                    return [Refused("promote", f"state is {self.state.name}")]
+                if self.maintenance:
+                    return [Refused("promote", "maintenance mode is on")]
+                if self.stopping:
+                    return [Refused("promote", "stopping")]
+                self.yielded = False
+                if self.master is None or self.master_down_at is None:
+                    return self._go(Event.PROMOTE_UNOPPOSED, now, reason="promote")
+                self.promote_until = now + self.master_down_interval() + self.interval
+                self.request_at = now
+                return self._request_takeover(now, "promote")
+            case Demote():
+                if self.state is not State.MASTER:
+                    return [Refused("demote", f"not master (state is {self.state.name})")]
+                best = self._best_backup(now)
+                if best is None:
+                    return [Refused("demote", "no live backup to hand over to")]
+                actions = self._hand_over(Event.DEMOTE, now, best.node)
+                self.yielded = True
+                return actions
+            case SetMaintenance(on=on):
+                if not on:
+                    self.maintenance = False
+                    return []
+                if self.state is State.MASTER:
+                    best = self._best_backup(now)
+                    if best is None:
+                        return [Refused("maintenance", "no live backup to hand over to")]
+                    self.maintenance = True
+                    return self._hand_over(Event.MAINTENANCE, now, best.node)
+                self.maintenance = True
+                self.promote_until = None
+                return []
+            case SetFault(item=item, failed=failed):
+                if failed:
+                    self.faults.add(item)
+                    if self.state is State.INIT:
+                        return []
+                    if self.state is not State.FAULT:
+                        return self._go(Event.FAULT, now, reason=f"fault:{item}")
+                    return []
+                self.faults.discard(item)
+                if self.state is State.FAULT and not self.faults:
+                    return self._go(Event.FAULT_CLEARED, now, reason=f"recovered:{item}") + [self._advert()]
+                return []
+            case SetPriority(priority=prio):
+                if not 1 <= prio <= 254:
+                    raise LocalError(f"priority must be 1..254, got {prio}")
+                self.priority = prio
+                return []
+        raise LocalError(f"unknown command {cmd!r}")
+
+    # -- reporting ------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.drain is not None
+
+    def status(self, now: float) -> dict:
+        master = None
+        if self.master == self.p.node:
+            master = {"node": self.p.node, "address": str(self.p.address), "priority": self.priority}
+        elif self.master is not None and self.master in self.peers:
+            peer = self.peers[self.master]
+            master = {"node": peer.node, "address": str(peer.address), "priority": peer.priority}
+        return {
+            "node": self.p.node,
+            "address": str(self.p.address),
+            "state": self.state.name,
+            "priority": self.p.priority,
+            "effective_priority": self.priority,
+            "master": master,
+            "draining": self.draining,
+            "maintenance": self.maintenance,
+            "faults": sorted(self.faults),
+            "preempt": self.p.preempt,
+            "yielded": self.yielded,
+            "advert_interval_ms": self.p.advert_interval_ms,
+            "master_down_interval_ms": round(self.master_down_interval() * 1000, 3),
+            "peers": [
+                {"node": p.node, "address": str(p.address), "priority": p.priority,
+                 "state": p.state.name, "last_seen_s": round(now - p.last_seen, 3),
+                 "config_match": p.config_match}
+                for p in sorted(self.peers.values(), key=lambda p: p.node)
+            ],
+        }
+
+
+__all__ = [
+    "Action", "Command", "Demote", "Drain", "Election", "Event", "Exit", "InstallDelivery",
+    "LocalError", "Notice", "Params", "Peer", "Promote", "Refused", "SendAdvert", "SetFault",
+    "SetMaintenance", "SetPriority", "Start", "StartAnnounce", "State", "Stop", "StopAnnounce",
+    "TRANSITIONS", "Transition", "WithdrawDelivery", "mermaid_diagram",
+]
+
+
+if __name__ == "__main__":  # pragma: no cover - docs generation
+    print("```mermaid")
+    print(mermaid_diagram(), end="")
+    print("```")
