@@ -1,0 +1,426 @@
+"""Dataplane: the reconciler facade the daemon drives.
+
+It owns three kinds of kernel objects and reconciles each by diff (desired.py):
+
+- delivery rules and the ``local`` routes of table T (rules.DeliveryRules, rtnetlink),
+- the nft mark table (marks.MarkTable, the ``nft`` binary),
+- IPVS fwmark services and reals (ipvs.IpvsServices, generic netlink; optional: a
+  kernel without IPVS is reported once and everything else runs).
+
+When it reconciles:
+
+- ``start()``: reads the kernel, adopts what matches, removes our leftovers, installs
+  routes, marks and IPVS (warm standby). Delivery rules that match the config are left
+  alone while the role is unknown: the daemon calls ``set_delivery()`` right after,
+  so a restarted master withdraws and re-adds nothing.
+- ``set_delivery(on)``: rules (and, if missing, the two routes) only: a constant
+  number of netlink operations, whatever the number of VIPs and services.
+- ``reload(cfg)``: full reconcile against the new config (objects tagged with the old
+  protocol number or in the old table are ours and removed if no longer desired).
+- on netlink notifications (rules and routes of both families, nftables changes):
+  within ~20 ms; a reconcile that finds something to fix there counts as a drift repair.
+- periodically (``cfg.dataplane.reconcile_interval_s``), including IPVS.
+- after a failure: retried with exponential backoff (0.1 s .. 5 s); errors are logged
+  (event ``reconcile_error``) and shown in ``status()``, never raised to the caller.
+
+Namespaces: ``netns`` names a network namespace (``/run/netns/NAME``); netlink
+sockets are opened inside it and ``nft`` runs under ``ip netns exec``. The daemon
+passes None (its own namespace). Nothing is opened before ``start()``, so a
+Dataplane can be built in a unit test without root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from . import desired as d
+from .marks import MarkTable, MarkTableError
+from .rules import DeliveryError, DeliveryRules
+
+try:  # written in parallel (IPVS through generic netlink); optional on purpose
+    from . import ipvs as _ipvs
+except ImportError:  # pragma: no cover
+    _ipvs = None  # type: ignore[assignment]
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE = 7, 8, 11, 19
+NFNLGRP_NFTABLES = 7
+RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
+DEBOUNCE_S = 0.02
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+NFT_POLL_S = 0.25  # fallback when nftables notifications cannot be subscribed
+DRIFT_CAUSES = ("notify", "periodic", "poll")
+
+PART_DELIVERY, PART_MARKS, PART_IPVS = "delivery", "marks", "ipvs"
+ALL_PARTS = (PART_DELIVERY, PART_MARKS, PART_IPVS)
+
+
+class Dataplane:
+    def __init__(self, cfg: Config, log: Any, netns: str | None = None,
+                 ipvs_owned_path: Path | str | None = None):
+        self.cfg = cfg
+        self.log = log
+        self.netns = netns
+        #: None until the daemon decides (start leaves matching rules alone meanwhile)
+        self.delivery: bool | None = None
+        self._rules = DeliveryRules(netns)
+        self._marks = MarkTable(d.NFT_TABLE, netns)
+        if ipvs_owned_path is None and _ipvs is not None:
+            ipvs_owned_path = _ipvs.DEFAULT_OWNED_PATH
+            if netns is not None:
+                ipvs_owned_path = ipvs_owned_path.with_name(f"ipvs-owned-{netns}.json")
+        self._ipvs_owned_path = ipvs_owned_path
+        self._ipvs: Any = None
+        self.ipvs_available = False
+        self._protocols = {cfg.delivery.protocol}
+        self._tables = {cfg.delivery.table}
+        self._lock: asyncio.Lock | None = None
+        self._trigger: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._watch: list[socket.socket] = []
+        self._started = False
+        self._warm = True
+        self._retry_delay = 0.0
+        self._retry_at: float | None = None
+        self._objects = {"rules": 0, "routes": 0, "nft_rules": 0, "ipvs_services": 0, "ipvs_reals": 0}
+        self._runs = 0
+        self._operations = 0
+        self._errors = 0
+        self._drift_repairs = 0
+        self._last_error: str | None = None
+        self._failing: set[str] = set()
+
+    # ------------------------------------------------------------------ API
+
+    async def start(self) -> None:
+        """Open netlink, adopt, clean our leftovers, install warm state; start watching."""
+        self._lock = asyncio.Lock()
+        self._trigger = asyncio.Event()
+        await self._rules.open()
+        self._started = True
+        if _ipvs is not None:
+            self._ipvs = _ipvs.IpvsServices(netns=self.netns, owned_path=self._ipvs_owned_path)
+            try:
+                self.ipvs_available = await asyncio.to_thread(self._ipvs.available)
+            except Exception as exc:  # noqa: BLE001 - reported, the rest runs
+                self.ipvs_available = False
+                self.log.error("ipvs_error", error=str(exc))
+        if not self.ipvs_available:
+            msg = _ipvs.UNAVAILABLE_MESSAGE if _ipvs is not None else "IPVS support not installed"
+            self.log.warning("ipvs_unavailable", message=msg, services_configured=len(self.cfg.ipvs))
+        await self._reconcile("start", ALL_PARTS)
+        await self._start_watching()
+        self._tasks.append(asyncio.create_task(self._runner(), name="dataplane-reconcile"))
+
+    async def set_delivery(self, on: bool) -> None:
+        """Master: True; backup/fault: False. Touches only the rules (and missing routes)."""
+        self.delivery = bool(on)
+        self.log.info("delivery", on=self.delivery)
+        if self._started:
+            await self._reconcile("delivery", (PART_DELIVERY,))
+
+    async def reload(self, cfg: Config) -> None:
+        """New desired state, applied by diff (no role change)."""
+        self.cfg = cfg
+        self._protocols.add(cfg.delivery.protocol)
+        self._tables.add(cfg.delivery.table)
+        if self._started:
+            ok = await self._reconcile("reload", ALL_PARTS)
+            if ok:
+                self._protocols = {cfg.delivery.protocol}
+                self._tables = {cfg.delivery.table}
+
+    async def stop(self) -> None:
+        """Withdraw delivery; remove routes, marks and IPVS too if remove_on_stop."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks.clear()
+        self._stop_watching()
+        if not self._started:
+            return
+        self.delivery = False
+        self._warm = not self.cfg.dataplane.remove_on_stop
+        try:
+            await self._reconcile("stop", ALL_PARTS)
+        finally:
+            self._rules.close()
+            self._started = False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "delivery": bool(self.delivery),
+            "objects": dict(self._objects),
+            "ipvs_available": self.ipvs_available,
+            "reconcile": {
+                "runs": self._runs,
+                "operations": self._operations,
+                "errors": self._errors,
+                "drift_repairs": self._drift_repairs,
+                "last_error": self._last_error,
+            },
+        }
+
+    # ------------------------------------------------------------ reconcile
+
+    def desired(self) -> d.DesiredState:
+        return d.desired_state(self.cfg, bool(self.delivery), warm=self._warm)
+
+    async def _reconcile(self, cause: str, parts: tuple[str, ...]) -> bool:
+        """One pass over ``parts``. Returns True when everything converged."""
+        assert self._lock is not None
+        async with self._lock:
+            self._runs += 1
+            want = self.desired()
+            errors: list[str] = []
+            applied = 0
+            if PART_DELIVERY in parts:
+                applied += await self._delivery_pass(want, errors)
+            if PART_MARKS in parts:
+                applied += await self._marks_pass(want, errors)
+            if PART_IPVS in parts and self.ipvs_available:
+                applied += await self._ipvs_pass(errors)
+            self._operations += applied
+            if applied and cause in DRIFT_CAUSES:
+                self._drift_repairs += 1
+                self.log.warning("drift_repaired", cause=cause, operations=applied)
+            if errors:
+                self._errors += len(errors)
+                self._last_error = errors[-1]
+                self._retry_delay = min(RETRY_MAX_S, max(RETRY_MIN_S, self._retry_delay * 2))
+                self._retry_at = time.monotonic() + self._retry_delay
+                for err in errors:
+                    self.log.error("reconcile_error", cause=cause, error=err,
+                                   retry_in_s=round(self._retry_delay, 3))
+                if self._trigger is not None:
+                    self._trigger.set()  # wake the runner so it picks up the retry time
+                return False
+            if self._retry_at is not None and parts == ALL_PARTS:
+                self.log.info("reconcile_recovered", cause=cause)
+                self._retry_at, self._retry_delay, self._last_error = None, 0.0, None
+            return True
+
+    async def _delivery_pass(self, want: d.DesiredState, errors: list[str]) -> int:
+        try:
+            rules = await self._rules.read_rules(self._protocols)
+            routes = await self._rules.read_routes(self._protocols, self._tables)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"reading rules/routes: {exc}")
+            return 0
+        want_rules = want.rules
+        if self.delivery is None:
+            # role not decided yet: keep our rules that match, add none, drop leftovers
+            want_rules = frozenset(rules & d.delivery_rules(self.cfg))
+        ops = d.diff(d.DesiredState(want.delivery, want_rules, want.routes, None, ()),
+                     rules, routes, d.ActualMarks(exists=False))
+        nrules, nroutes = len(rules), len(routes)
+        applied = 0
+        for op in ops:
+            try:
+                await self._rules.apply(op)  # type: ignore[arg-type]
+            except (DeliveryError, OSError) as exc:
+                errors.append(str(exc))
+                continue
+            applied += 1
+            nrules += {d.AddRule: 1, d.DeleteRule: -1}.get(type(op), 0)
+            nroutes += {d.AddRoute: 1, d.DeleteRoute: -1}.get(type(op), 0)
+            self.log.info("dataplane_op", op=type(op).__name__,
+                          object=op.rule.describe() if hasattr(op, "rule") else op.route.describe())  # type: ignore[union-attr]
+        self._objects["rules"], self._objects["routes"] = nrules, nroutes
+        return applied
+
+    async def _marks_pass(self, want: d.DesiredState, errors: list[str]) -> int:
+        try:
+            actual = await self._marks.read(want.marks)
+        except (MarkTableError, OSError) as exc:
+            errors.append(str(exc))
+            return 0
+        ops = d.diff_marks(want.marks, actual)
+        self._objects["nft_rules"] = actual.rule_count
+        applied = 0
+        for op in ops:
+            try:
+                if isinstance(op, d.ReplaceMarkTable):
+                    await self._marks.replace(op.spec)
+                    self._objects["nft_rules"] = len(op.spec.rules)
+                    self.log.info("dataplane_op", op="ReplaceMarkTable", table=f"inet {op.spec.name}",
+                                  rules=len(op.spec.rules), digest=op.spec.digest)
+                else:
+                    await self._marks.delete()
+                    self._objects["nft_rules"] = 0
+                    self.log.info("dataplane_op", op="DeleteMarkTable", table=f"inet {self._marks.name}")
+                applied += 1
+            except (MarkTableError, OSError) as exc:
+                errors.append(str(exc))
+        return applied
+
+    async def _ipvs_pass(self, errors: list[str]) -> int:
+        assert _ipvs is not None and self._ipvs is not None
+        state = _ipvs.desired_ipvs(self.cfg) if self._warm else _ipvs.IpvsState()
+        try:
+            ops = await asyncio.to_thread(self._ipvs.reconcile, state)
+        except Exception as exc:  # noqa: BLE001 - IpvsError and anything pyroute2 raises
+            errors.append(f"ipvs: {exc}")
+            return 0
+        for op in ops:
+            self.log.info("dataplane_op", op=type(op).__name__, object=str(op))
+        self._objects["ipvs_services"] = len(state)
+        self._objects["ipvs_reals"] = sum(len(s.dests) for s in state.services.values())
+        return len(ops)
+
+    # -------------------------------------------------------------- runner
+
+    async def _runner(self) -> None:
+        assert self._trigger is not None
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.dataplane.reconcile_interval_s
+        next_periodic = loop.time() + interval
+        next_poll = loop.time() + NFT_POLL_S if not self._nft_watched else None
+        while True:
+            try:
+                now = loop.time()
+                deadlines = [next_periodic]
+                if self._retry_at is not None:
+                    deadlines.append(now + max(0.0, self._retry_at - time.monotonic()))
+                if next_poll is not None:
+                    deadlines.append(next_poll)
+                timeout = max(0.0, min(deadlines) - now)
+                try:
+                    await asyncio.wait_for(self._trigger.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                now = loop.time()
+                if self._trigger.is_set():
+                    await asyncio.sleep(DEBOUNCE_S)  # coalesce a burst of notifications
+                    self._trigger.clear()
+                    if self._retry_at is not None and time.monotonic() < self._retry_at:
+                        continue  # a retry is scheduled; wait for it
+                    cause = "retry" if self._retry_at is not None else "notify"
+                    parts = ALL_PARTS if cause == "retry" else (PART_DELIVERY, PART_MARKS)
+                elif self._retry_at is not None and time.monotonic() >= self._retry_at:
+                    cause, parts = "retry", ALL_PARTS
+                elif now >= next_periodic:
+                    cause, parts = "periodic", ALL_PARTS
+                    next_periodic = now + self.cfg.dataplane.reconcile_interval_s
+                elif next_poll is not None and now >= next_poll:
+                    cause, parts = "poll", (PART_MARKS,)
+                    next_poll = now + NFT_POLL_S
+                else:
+                    continue
+                await self._reconcile(cause, parts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the runner must not die
+                self._errors += 1
+                self._last_error = f"reconcile loop: {exc!r}"
+                self.log.error("reconcile_error", cause="runner", error=repr(exc))
+                await asyncio.sleep(RETRY_MIN_S)
+
+    # -------------------------------------------------------------- watching
+
+    _nft_watched = False
+
+    async def _start_watching(self) -> None:
+        loop = asyncio.get_running_loop()
+        rt = await asyncio.to_thread(self._netlink_socket, socket.NETLINK_ROUTE,
+                                     (RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE,
+                                      RTNLGRP_IPV6_RULE))
+        loop.add_reader(rt.fileno(), self._on_rtnl, rt)
+        self._watch.append(rt)
+        try:
+            nf = await asyncio.to_thread(self._netlink_socket, NETLINK_NETFILTER, (NFNLGRP_NFTABLES,))
+        except OSError as exc:
+            self.log.warning("nft_watch_unavailable", error=str(exc), poll_interval_s=NFT_POLL_S)
+            self._nft_watched = False
+            return
+        loop.add_reader(nf.fileno(), self._on_nfnl, nf)
+        self._watch.append(nf)
+        self._nft_watched = True
+
+    def _stop_watching(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover
+            loop = None
+        for sock in self._watch:
+            if loop is not None:
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        self._watch.clear()
+
+    def _netlink_socket(self, proto: int, groups: tuple[int, ...]) -> socket.socket:
+        if self.netns is not None:
+            from pyroute2 import netns as pr_netns
+            sock = pr_netns.create_socket(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, proto, flags=0)
+        else:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
+        try:
+            sock.bind((0, 0))
+            for group in groups:
+                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _drain(self, sock: socket.socket) -> list[bytes] | None:
+        """Pending messages; None after an overflow (then everything is suspect)."""
+        out: list[bytes] = []
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                return out
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    return None
+                return out
+            if not data:
+                return out
+            out.append(data)
+
+    def _on_rtnl(self, sock: socket.socket) -> None:
+        datas = self._drain(sock)
+        if datas is None or any(self._rtnl_relevant(data) for data in datas):
+            self._kick()
+
+    def _on_nfnl(self, sock: socket.socket) -> None:
+        datas = self._drain(sock)
+        if datas is None or datas:
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._trigger is not None:
+            self._trigger.set()
+
+    def _rtnl_relevant(self, data: bytes) -> bool:
+        """Rule changes always; route changes in our tables or with our protocol."""
+        compat = {t if t < 256 else 252 for t in self._tables}
+        off = 0
+        while off + 16 <= len(data):
+            length, mtype = struct.unpack_from("=IH", data, off)
+            if length < 16:
+                break
+            if mtype in (RTM_NEWRULE, RTM_DELRULE):
+                return True
+            if mtype in (RTM_NEWROUTE, RTM_DELROUTE) and off + 16 + 12 <= len(data):
+                table, proto = data[off + 16 + 4], data[off + 16 + 5]
+                if proto in self._protocols or table in compat:
+                    return True
+            off += (length + 3) & ~3
+        return False

@@ -1,0 +1,207 @@
+"""DeliveryRules: the delivery ``ip rule`` s and the ``local`` routes of table T (pyroute2).
+
+Ownership is the rtm/rule protocol number (``cfg.delivery.protocol``, default 98; ``ip
+rule`` and ``ip route`` print it as ``proto 98``). Only rules and routes carrying one of
+``protocols`` are read as ours, and every delete request names that protocol, which the
+kernel matches too: a rule or route of anybody else is never changed or removed.
+
+``netns``: a named network namespace (``ip netns add``); the netlink socket is opened
+inside it (it is not created if missing).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Iterable
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .desired import (AddRoute, AddRule, DeleteRoute, DeleteRule, FULL_MASK, RouteSpec, RuleSpec)
+
+AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+FR_ACT_TO_TBL = 1
+RTN_LOCAL = 2
+RT_SCOPE_HOST = 254
+RT_TABLE_COMPAT = 252
+_RULE_KNOWN = {"FRA_TABLE", "FRA_PROTOCOL", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_DST",
+               "FRA_IIFNAME"}
+
+
+def rule_from_msg(msg: Any) -> RuleSpec:
+    """A kernel rule message as a RuleSpec (attributes we never set go to ``extra``)."""
+    attrs = dict(msg["attrs"])
+    extra: dict[str, Any] = {}
+    for name, value in msg["attrs"]:
+        if name in _RULE_KNOWN:
+            continue
+        if name == "FRA_SUPPRESS_PREFIXLEN" and value == FULL_MASK:
+            continue
+        extra[name] = value
+    for hdr, default in (("src_len", 0), ("tos", 0), ("action", FR_ACT_TO_TBL), ("flags", 0)):
+        if msg[hdr] != default:
+            extra[hdr] = msg[hdr]
+    fwmark = attrs.get("FRA_FWMARK")
+    mask = attrs.get("FRA_FWMASK")
+    if fwmark is not None and mask is None:
+        mask = FULL_MASK
+    dst = attrs.get("FRA_DST")
+    return RuleSpec(
+        family=FAMILY.get(msg["family"], msg["family"]),
+        priority=attrs.get("FRA_PRIORITY", 0),
+        table=attrs.get("FRA_TABLE", msg["table"]),
+        protocol=attrs.get("FRA_PROTOCOL", 0),
+        fwmark=fwmark,
+        mask=mask,
+        dst=f"{dst}/{msg['dst_len']}" if dst is not None else None,
+        iif=attrs.get("FRA_IIFNAME"),
+        extra=tuple(sorted((k, _hashable(v)) for k, v in extra.items())),
+    )
+
+
+def route_from_msg(msg: Any, lo_index: int) -> RouteSpec:
+    attrs = dict(msg["attrs"])
+    family = FAMILY.get(msg["family"], msg["family"])
+    dst = attrs.get("RTA_DST", "0.0.0.0" if family == 4 else "::")
+    kind = {RTN_LOCAL: "local", 1: "unicast"}.get(msg["type"], f"type{msg['type']}")
+    oif = attrs.get("RTA_OIF")
+    return RouteSpec(
+        family=family,
+        table=attrs.get("RTA_TABLE", msg["table"]),
+        protocol=msg["proto"],
+        dst=f"{dst}/{msg['dst_len']}",
+        kind=kind,
+        dev="lo" if oif == lo_index else f"ifindex{oif}",
+    )
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+class DeliveryRules:
+    """Reads and changes our rules and routes in one network namespace."""
+
+    def __init__(self, netns: str | None = None):
+        self.netns = netns
+        self._ipr: AsyncIPRoute | None = None
+        self._lo_index = 1
+
+    async def open(self) -> None:
+        if self._ipr is not None:
+            return
+        ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
+        await ipr.setup_endpoint()
+        self._ipr = ipr
+        links = [m async for m in await ipr.link("dump")]
+        for link in links:
+            if link.get("ifname") == "lo":
+                self._lo_index = link["index"]
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    @property
+    def ipr(self) -> AsyncIPRoute:
+        if self._ipr is None:
+            raise RuntimeError("DeliveryRules.open() was not called")
+        return self._ipr
+
+    async def read_rules(self, protocols: Iterable[int]) -> frozenset[RuleSpec]:
+        """Our rules (IPv4 and IPv6) carrying one of ``protocols``."""
+        protos = set(protocols)
+        out: set[RuleSpec] = set()
+        for af in (socket.AF_INET, socket.AF_INET6):
+            async for msg in await self.ipr.rule("dump", family=af):
+                if msg.get("FRA_PROTOCOL") in protos:
+                    out.add(rule_from_msg(msg))
+        return frozenset(out)
+
+    async def read_routes(self, protocols: Iterable[int], tables: Iterable[int]) -> frozenset[RouteSpec]:
+        """Our routes (any type) carrying one of ``protocols`` in ``tables``."""
+        protos, tabs = set(protocols), set(tables)
+        out: set[RouteSpec] = set()
+        for af in (socket.AF_INET, socket.AF_INET6):
+            for table in sorted(tabs):
+                async for msg in await self.ipr.route("dump", family=af, table=table):
+                    if msg["proto"] in protos and msg.get("RTA_TABLE", msg["table"]) in tabs:
+                        out.add(route_from_msg(msg, self._lo_index))
+        return frozenset(out)
+
+    async def apply(self, op: AddRule | DeleteRule | AddRoute | DeleteRoute) -> None:
+        """One netlink request. An add that finds the object present, or a delete that
+        finds it gone, counts as done (another reconcile got there first)."""
+        try:
+            if isinstance(op, AddRule):
+                await self.ipr.rule("add", **self._rule_args(op.rule))
+            elif isinstance(op, DeleteRule):
+                await self.ipr.rule("del", **self._rule_args(op.rule))
+            elif isinstance(op, AddRoute):
+                await self.ipr.route("add", **self._route_args(op.route))
+            elif isinstance(op, DeleteRoute):
+                await self.ipr.route("del", **self._route_args(op.route))
+            else:  # pragma: no cover
+                raise TypeError(op)
+        except NetlinkError as exc:
+            adding = isinstance(op, (AddRule, AddRoute))
+            if (adding and exc.code == 17) or (not adding and exc.code in (2, 3)):  # EEXIST / ENOENT, ESRCH
+                if adding:
+                    raise DeliveryError(op, exc, "an identical object exists (not ours?)") from None
+                return
+            raise DeliveryError(op, exc) from None
+
+    @staticmethod
+    def _rule_args(rule: RuleSpec) -> dict[str, Any]:
+        args: dict[str, Any] = dict(family=AF[rule.family], priority=rule.priority, table=rule.table,
+                                    protocol=rule.protocol, action="FR_ACT_TO_TBL")
+        if rule.fwmark is not None:
+            args["fwmark"] = rule.fwmark
+            args["fwmask"] = rule.mask if rule.mask is not None else FULL_MASK
+        if rule.dst is not None:
+            addr, _, plen = rule.dst.partition("/")
+            args["dst"], args["dst_len"] = addr, int(plen)
+        if rule.iif is not None:
+            args["iifname"] = rule.iif
+        for name, value in rule.extra:  # only ever on rules read back: delete them precisely
+            if name.startswith("FRA_"):
+                args[name.lower()[4:]] = value
+            elif name in ("src_len", "tos", "action", "flags"):
+                args[name] = value
+        return args
+
+    def _route_args(self, route: RouteSpec) -> dict[str, Any]:
+        if route.kind != "local" or route.dev != "lo":
+            # only local routes are installed; foreign-shaped routes of ours are deleted by key
+            args: dict[str, Any] = dict(family=AF[route.family], dst=route.dst, table=route.table,
+                                        proto=route.protocol)
+            if route.kind.startswith("type"):
+                args["type"] = int(route.kind[4:])
+            else:
+                args["type"] = route.kind
+            return args
+        args = dict(family=AF[route.family], dst=route.dst, type="local", oif=self._lo_index,
+                    table=route.table, proto=route.protocol)
+        if route.family == 4:
+            args["scope"] = RT_SCOPE_HOST  # netlink wants it (iproute2 adds it for you)
+        return args
+
+
+class DeliveryError(Exception):
+    """A rule/route request the kernel refused."""
+
+    def __init__(self, op: Any, exc: NetlinkError, hint: str = ""):
+        self.op = op
+        self.code = exc.code
+        what = op.rule.describe() if hasattr(op, "rule") else op.route.describe()
+        verb = type(op).__name__
+        msg = f"{verb} {what}: {exc.args[1] if len(exc.args) > 1 else exc}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
