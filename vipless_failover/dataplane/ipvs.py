@@ -1,0 +1,600 @@
+"""IPVS fwmark virtual services and their real servers, declared then reconciled.
+
+Pure part (no I/O, unit-tested without root or IPVS):
+
+- :func:`desired_ipvs` turns the config into an :class:`IpvsState`;
+- :func:`diff_ipvs` compares a desired with an actual state and returns the minimal,
+  ordered list of :data:`IpvsOp` (changing one real server's weight is one
+  :class:`EditDest`; changing a scheduler is one :class:`EditService`, so the
+  connections of the service survive).
+
+I/O part: :class:`IpvsServices` reads the kernel's fwmark services and applies
+operations through generic netlink (pyroute2). It only ever touches services it
+owns: those in the desired state and those listed in its ownership record (a JSON
+file, written atomically, that remembers services we created and that later left
+the config). Services keyed by address/port (an operator's ``ipvsadm -A -t``) are
+never read, and fwmark services we do not own are never changed.
+
+The I/O methods are blocking (short netlink round trips) and open a fresh netlink
+socket per call, so they can be called from any thread: inside the daemon's event
+loop use ``await asyncio.to_thread(services.reconcile, desired)``. (pyroute2's
+synchronous sockets refuse to run inside a running asyncio loop.)
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vipless_failover.config import Config
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Kernel forwarding methods (IP_VS_CONN_F_*): masquerading, tunnel, direct routing.
+FWD_NAT = 0
+FWD_TUN = 2
+FWD_DR = 3
+FORWARD_METHOD = {"nat": FWD_NAT, "tun": FWD_TUN, "dr": FWD_DR}
+FORWARD_NAME = {v: k for k, v in FORWARD_METHOD.items()}
+
+#: Kernel service flags (IP_VS_SVC_F_*).
+SVC_F_PERSISTENT = 0x0001
+SVC_F_HASHED = 0x0002  # kernel-internal: set on every live service, never compared
+SVC_F_ONEPACKET = 0x0004
+SVC_F_SCHED1 = 0x0008
+SVC_F_SCHED2 = 0x0010
+SVC_F_SCHED3 = 0x0020
+#: Config flag name -> kernel bit (sh/mh share the scheduler-private bits, like ipvsadm).
+SERVICE_FLAG_BITS = {
+    "persistent": SVC_F_PERSISTENT,
+    "hashed": SVC_F_HASHED,
+    "onepacket": SVC_F_ONEPACKET,
+    "sh-fallback": SVC_F_SCHED1,
+    "sh-port": SVC_F_SCHED2,
+    "mh-fallback": SVC_F_SCHED1,
+    "mh-port": SVC_F_SCHED2,
+}
+#: Flags we set and compare (HASHED is the kernel's bookkeeping).
+MANAGED_FLAGS = SVC_F_PERSISTENT | SVC_F_ONEPACKET | SVC_F_SCHED1 | SVC_F_SCHED2 | SVC_F_SCHED3
+#: ipvsadm's default persistence when ``-p`` is given without a timeout.
+DEFAULT_PERSISTENCE_S = 300
+
+DEFAULT_OWNED_PATH = Path("/run/vipless-failover/ipvs-owned.json")
+
+#: (family 4|6, fwmark): the identity of one fwmark virtual service.
+ServiceKey = tuple[int, int]
+#: (address, port): the identity of one real server within a service.
+DestKey = tuple[IPAddress, int]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------
+# model
+
+
+@dataclass(frozen=True, order=True)
+class IpvsDest:
+    """One real server of a service, as the kernel knows it."""
+
+    address: IPAddress
+    port: int = 0
+    weight: int = 1
+    forward: int = FWD_DR  # IP_VS_CONN_F_*: 0 nat, 2 tun, 3 dr
+
+    @property
+    def key(self) -> DestKey:
+        return (self.address, self.port)
+
+    def __str__(self) -> str:
+        fwd = FORWARD_NAME.get(self.forward, str(self.forward))
+        addr = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{addr}:{self.port} {fwd} weight {self.weight}"
+
+
+@dataclass(frozen=True)
+class IpvsServiceState:
+    """One fwmark virtual service and its real servers (sorted by key)."""
+
+    family: int  # 4 | 6
+    fwmark: int
+    scheduler: str = "wlc"
+    timeout: int = 0  # persistence timeout, seconds
+    flags: int = 0  # IP_VS_SVC_F_* within MANAGED_FLAGS
+    netmask: int = 32  # prefix length: 32 (v4) or 128 (v6) for per-address persistence
+    dests: tuple[IpvsDest, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dests", tuple(sorted(self.dests, key=_dest_sort_key)))
+        object.__setattr__(self, "flags", self.flags & MANAGED_FLAGS)
+
+    @property
+    def key(self) -> ServiceKey:
+        return (self.family, self.fwmark)
+
+    def attrs(self) -> tuple[str, int, int, int]:
+        """The editable attributes (what an EditService changes)."""
+        return (self.scheduler, self.timeout, self.flags, self.netmask)
+
+    def dest_map(self) -> dict[DestKey, IpvsDest]:
+        return {d.key: d for d in self.dests}
+
+    def without_dests(self) -> "IpvsServiceState":
+        return IpvsServiceState(self.family, self.fwmark, self.scheduler, self.timeout,
+                                self.flags, self.netmask, ())
+
+    def __str__(self) -> str:
+        fam = "inet" if self.family == 4 else "inet6"
+        extra = f" persistent {self.timeout}" if self.flags & SVC_F_PERSISTENT else ""
+        return f"fwmark {self.fwmark} {fam} {self.scheduler}{extra}"
+
+
+def _dest_sort_key(d: IpvsDest) -> tuple[int, int, int]:
+    return (d.address.version, int(d.address), d.port)
+
+
+@dataclass(frozen=True)
+class IpvsState:
+    """A set of fwmark services keyed by (family, fwmark)."""
+
+    services: Mapping[ServiceKey, IpvsServiceState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "services",
+                           MappingProxyType(dict(sorted(dict(self.services).items()))))
+
+    @classmethod
+    def of(cls, services: Iterable[IpvsServiceState]) -> "IpvsState":
+        out: dict[ServiceKey, IpvsServiceState] = {}
+        for svc in services:
+            if svc.key in out:
+                raise ValueError(f"duplicate IPVS service {svc}")
+            out[svc.key] = svc
+        return cls(out)
+
+    def keys(self) -> frozenset[ServiceKey]:
+        return frozenset(self.services)
+
+    def only(self, keys: Iterable[ServiceKey]) -> "IpvsState":
+        wanted = set(keys)
+        return IpvsState({k: v for k, v in self.services.items() if k in wanted})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IpvsState) and dict(self.services) == dict(other.services)
+
+    def __hash__(self) -> int:  # pragma: no cover - states are not used as keys
+        return hash(tuple(self.services.items()))
+
+    def __len__(self) -> int:
+        return len(self.services)
+
+
+# ---------------------------------------------------------------------------
+# operations
+
+
+@dataclass(frozen=True)
+class AddService:
+    service: IpvsServiceState  # dests are added by AddDest ops
+
+    def __str__(self) -> str:
+        return f"add service {self.service}"
+
+
+@dataclass(frozen=True)
+class EditService:
+    service: IpvsServiceState
+    before: IpvsServiceState
+
+    def __str__(self) -> str:
+        return f"edit service {self.before} -> {self.service}"
+
+
+@dataclass(frozen=True)
+class DeleteService:
+    service: IpvsServiceState  # its dests go with it
+
+    def __str__(self) -> str:
+        return f"delete service {self.service}"
+
+
+@dataclass(frozen=True)
+class AddDest:
+    service: ServiceKey
+    dest: IpvsDest
+
+    def __str__(self) -> str:
+        return f"add real {self.dest} to {_key_str(self.service)}"
+
+
+@dataclass(frozen=True)
+class EditDest:
+    service: ServiceKey
+    dest: IpvsDest
+    before: IpvsDest
+
+    def __str__(self) -> str:
+        return f"edit real {self.before} -> {self.dest} of {_key_str(self.service)}"
+
+
+@dataclass(frozen=True)
+class DeleteDest:
+    service: ServiceKey
+    dest: IpvsDest
+
+    def __str__(self) -> str:
+        return f"delete real {self.dest} from {_key_str(self.service)}"
+
+
+IpvsOp = Union[AddService, EditService, DeleteService, AddDest, EditDest, DeleteDest]
+
+
+def _key_str(key: ServiceKey) -> str:
+    return f"fwmark {key[1]} {'inet' if key[0] == 4 else 'inet6'}"
+
+
+# ---------------------------------------------------------------------------
+# pure functions
+
+
+def service_from_config(svc: Any) -> IpvsServiceState:
+    """One ``config.IpvsService`` as the kernel state it should produce."""
+    flags = 0
+    for name in svc.flags:
+        flags |= SERVICE_FLAG_BITS[name]
+    timeout = svc.persistence_s
+    if timeout > 0:
+        flags |= SVC_F_PERSISTENT
+    elif flags & SVC_F_PERSISTENT:
+        timeout = DEFAULT_PERSISTENCE_S
+    dests = tuple(IpvsDest(address=r.address, port=r.port, weight=r.weight,
+                           forward=FORWARD_METHOD[r.forward]) for r in svc.reals)
+    return IpvsServiceState(family=svc.family, fwmark=svc.fwmark, scheduler=svc.scheduler,
+                            timeout=timeout, flags=flags,
+                            netmask=32 if svc.family == 4 else 128, dests=dests)
+
+
+def desired_ipvs(cfg: "Config") -> IpvsState:
+    """The IPVS state the config asks for (the same on master and backup: warm standby)."""
+    return IpvsState.of(service_from_config(s) for s in cfg.ipvs)
+
+
+def diff_ipvs(desired: IpvsState, actual: IpvsState,
+              owned: Iterable[ServiceKey] = ()) -> list[IpvsOp]:
+    """Minimal ordered operations that turn ``actual`` into ``desired``.
+
+    Services in ``actual`` that are not desired are deleted only if their key is in
+    ``owned`` (our ownership record); any other service is someone else's and is
+    left alone. A desired service already present is adopted and edited in place.
+    Order: deletions of services first, then per desired service (sorted by key)
+    add/edit the service, add new reals, edit changed reals, delete removed reals
+    (adding before deleting keeps a service from being briefly empty).
+    """
+    owned_keys = set(owned)
+    ops: list[IpvsOp] = []
+    for key, have in actual.services.items():
+        if key not in desired.services and key in owned_keys:
+            ops.append(DeleteService(have.without_dests()))
+    for key, want in desired.services.items():
+        have = actual.services.get(key)
+        if have is None:
+            ops.append(AddService(want.without_dests()))
+            ops.extend(AddDest(key, d) for d in want.dests)
+            continue
+        if want.attrs() != have.attrs():
+            ops.append(EditService(want.without_dests(), have.without_dests()))
+        have_dests = have.dest_map()
+        want_dests = want.dest_map()
+        ops.extend(AddDest(key, d) for k, d in want_dests.items() if k not in have_dests)
+        ops.extend(EditDest(key, d, have_dests[k]) for k, d in want_dests.items()
+                   if k in have_dests and have_dests[k] != d)
+        ops.extend(DeleteDest(key, d) for k, d in have_dests.items() if k not in want_dests)
+    return ops
+
+
+# ---------------------------------------------------------------------------
+# netlink encoding helpers (pure)
+
+
+def netmask_attr(family: int, prefixlen: int) -> str:
+    """IPVS_SVC_ATTR_NETMASK as pyroute2 wants it (an ``ip4addr``).
+
+    IPv4: the dotted mask. IPv6: the kernel reads the same 32 bits as a prefix
+    length in host byte order (what ipvsadm sends), so 128 is encoded natively.
+    """
+    if family == 4:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask)
+    return socket.inet_ntoa(struct.pack("=I", prefixlen))
+
+
+def netmask_prefixlen(family: int, value: str | None) -> int:
+    """Inverse of :func:`netmask_attr` for what the kernel reports."""
+    if value is None:
+        return 32 if family == 4 else 128
+    if family == 4:
+        return ipaddress.IPv4Network(f"0.0.0.0/{value}").prefixlen
+    return struct.unpack("=I", socket.inet_aton(value))[0]
+
+
+# ---------------------------------------------------------------------------
+# errors
+
+
+class IpvsError(Exception):
+    """An IPVS operation failed; ``op`` is the operation (None for reads)."""
+
+    def __init__(self, message: str, op: IpvsOp | None = None, code: int | None = None):
+        self.op = op
+        self.code = code
+        super().__init__(message)
+
+
+class IpvsUnavailable(IpvsError):
+    """The kernel has no IPVS (no "IPVS" generic netlink family)."""
+
+
+UNAVAILABLE_MESSAGE = ("IPVS is not available in this kernel (no IPVS generic netlink family; "
+                       "is the ip_vs module loaded? modprobe ip_vs)")
+
+
+def error_for(op: IpvsOp, code: int | None, detail: str = "") -> IpvsError:
+    """Translate a kernel error for ``op`` into a message a person can act on."""
+    if isinstance(op, (AddService, EditService)) and code in (errno.ENOENT, errno.EINVAL):
+        sched = op.service.scheduler
+        if code == errno.ENOENT or not sched:
+            return IpvsError(f"{op}: scheduler {sched!r} not available in this kernel "
+                             f"(modprobe ip_vs_{sched}?)", op, code)
+    if isinstance(op, AddService) and code == errno.EEXIST:
+        return IpvsError(f"{op}: service already exists", op, code)
+    if isinstance(op, (AddDest, EditDest)) and code == errno.EINVAL:
+        # ip_vs_new_dest: the address must be local or unicast in this namespace's
+        # FIB; in a namespace without a local table (lo down, no address) it is not.
+        return IpvsError(f"{op}: kernel refused the real server address (EINVAL): it must be a "
+                         f"unicast address routable in this network namespace (is lo up?)", op, code)
+    if isinstance(op, AddDest) and code == errno.EEXIST:
+        return IpvsError(f"{op}: real server already exists", op, code)
+    if code == errno.ESRCH:
+        return IpvsError(f"{op}: no such service or real server (changed behind our back?)", op, code)
+    name = errno.errorcode.get(code or 0, str(code))
+    reason = os.strerror(code) if code else detail
+    return IpvsError(f"{op}: kernel refused it: {name} ({reason})", op, code)
+
+
+# ---------------------------------------------------------------------------
+# ownership record
+
+
+def read_owned(path: Path) -> frozenset[ServiceKey]:
+    """Service keys recorded as ours. A missing file means none; a corrupt one raises."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, ValueError) as exc:
+        raise IpvsError(f"cannot read IPVS ownership record {path}: {exc}") from None
+    try:
+        return frozenset((int(s["family"]), int(s["fwmark"])) for s in data["services"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IpvsError(f"malformed IPVS ownership record {path}: {exc!r}") from None
+
+
+def write_owned(path: Path, keys: Iterable[ServiceKey]) -> None:
+    """Write the record atomically (temp file in the same folder, fsync, rename)."""
+    body = json.dumps({"version": 1, "services": [{"family": f, "fwmark": m}
+                                                   for f, m in sorted(set(keys))]}, indent=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(body + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------
+# I/O: the kernel through pyroute2
+
+
+class IpvsServices:
+    """Our fwmark virtual services in one network namespace.
+
+    ``netns``: a named namespace (``/run/netns/NAME``) or a path to a netns file;
+    None means the caller's namespace. ``owned_path``: the ownership record.
+    """
+
+    def __init__(self, netns: str | None = None, owned_path: Path | str = DEFAULT_OWNED_PATH):
+        self.netns = netns
+        self.owned_path = Path(owned_path)
+
+    # -- sockets ------------------------------------------------------------
+
+    def _open(self) -> Any:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        kwargs = {"netns": self.netns} if self.netns else {}
+        try:
+            return _quiet_ipvs_class()(**kwargs)
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.ENOTSUP):
+                raise IpvsUnavailable(UNAVAILABLE_MESSAGE, code=exc.code) from None
+            raise IpvsError(f"cannot open IPVS netlink socket: {exc}", code=exc.code) from None
+        except OSError as exc:
+            raise IpvsError(f"cannot open IPVS netlink socket: {exc}", code=exc.errno) from None
+
+    def available(self) -> bool:
+        """True if the kernel has IPVS (in our netns). Never raises for a missing IPVS."""
+        try:
+            sock = self._open()
+        except IpvsUnavailable:
+            return False
+        sock.close()
+        return True
+
+    # -- read ---------------------------------------------------------------
+
+    def read(self) -> IpvsState:
+        """The kernel's fwmark services and their real servers (others are not read)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        sock = self._open()
+        try:
+            services = []
+            for msg in sock.service("dump"):
+                svc_nla = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
+                if svc_nla is None:
+                    continue
+                fwmark = svc_nla.get_attr("IPVS_SVC_ATTR_FWMARK") or 0
+                if not fwmark:
+                    continue  # address/port service: never ours
+                af = svc_nla.get_attr("IPVS_SVC_ATTR_AF")
+                family = 6 if af == socket.AF_INET6 else 4
+                flags_nla = svc_nla.get_attr("IPVS_SVC_ATTR_FLAGS")
+                flags = flags_nla["flags"] if flags_nla is not None else 0
+                dests = tuple(self._read_dests(sock, af, fwmark))
+                services.append(IpvsServiceState(
+                    family=family, fwmark=fwmark,
+                    scheduler=svc_nla.get_attr("IPVS_SVC_ATTR_SCHED_NAME") or "",
+                    timeout=svc_nla.get_attr("IPVS_SVC_ATTR_TIMEOUT") or 0,
+                    flags=flags,
+                    netmask=netmask_prefixlen(family, svc_nla.get_attr("IPVS_SVC_ATTR_NETMASK")),
+                    dests=dests))
+            return IpvsState.of(services)
+        except NetlinkError as exc:
+            raise IpvsError(f"reading IPVS services failed: {exc}", code=exc.code) from None
+        finally:
+            sock.close()
+
+    @staticmethod
+    def _read_dests(sock: Any, af: int, fwmark: int) -> Iterator[IpvsDest]:
+        from pyroute2 import IPVSService
+
+        for msg in sock.dest("dump", service=IPVSService(fwmark=fwmark, af=af)):
+            d = msg.get_attr("IPVS_CMD_ATTR_DEST")
+            if d is None:
+                continue
+            yield IpvsDest(address=ipaddress.ip_address(d.get_attr("IPVS_DEST_ATTR_ADDR")),
+                           port=d.get_attr("IPVS_DEST_ATTR_PORT") or 0,
+                           weight=d.get_attr("IPVS_DEST_ATTR_WEIGHT") or 0,
+                           forward=d.get_attr("IPVS_DEST_ATTR_FWD_METHOD") or 0)
+
+    # -- write --------------------------------------------------------------
+
+    def apply(self, ops: Iterable[IpvsOp]) -> int:
+        """Apply ``ops`` in order; returns how many were applied.
+
+        Stops at the first failure with an :class:`IpvsError` naming the operation
+        (``exc.op``); the operations before it stay applied (a later reconcile
+        converges again).
+        """
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        ops = list(ops)
+        if not ops:
+            return 0
+        sock = self._open()
+        done = 0
+        try:
+            for op in ops:
+                try:
+                    self._apply_one(sock, op)
+                except NetlinkError as exc:
+                    raise error_for(op, exc.code, str(exc)) from None
+                done += 1
+                log.debug("ipvs: %s", op)
+        finally:
+            sock.close()
+        return done
+
+    @staticmethod
+    def _apply_one(sock: Any, op: IpvsOp) -> None:
+        from pyroute2 import IPVSDest, IPVSService
+
+        if isinstance(op, (AddService, EditService)):
+            s = op.service
+            svc = IPVSService(fwmark=s.fwmark, af=_af(s.family),
+                              netmask=netmask_attr(s.family, s.netmask),
+                              sched_name=s.scheduler, timeout=s.timeout,
+                              flags={"flags": s.flags, "mask": MANAGED_FLAGS})
+            sock.service("add" if isinstance(op, AddService) else "set", service=svc)
+        elif isinstance(op, DeleteService):
+            sock.service("del", service=IPVSService(fwmark=op.service.fwmark,
+                                                    af=_af(op.service.family)))
+        else:
+            family, fwmark = op.service
+            svc = IPVSService(fwmark=fwmark, af=_af(family))
+            d = op.dest
+            dest = IPVSDest(addr=str(d.address), port=d.port, fwd_method=d.forward,
+                            weight=d.weight)
+            cmd = {AddDest: "add", EditDest: "set", DeleteDest: "del"}[type(op)]
+            sock.dest(cmd, service=svc, dest=dest)
+
+    # -- ownership and reconcile -------------------------------------------
+
+    def owned(self) -> frozenset[ServiceKey]:
+        return read_owned(self.owned_path)
+
+    def reconcile(self, desired: IpvsState) -> list[IpvsOp]:
+        """Read, diff against ``desired`` (deleting only owned leftovers), apply.
+
+        Returns the operations applied (empty when the kernel already matches:
+        adoption after a restart changes nothing). The ownership record is widened
+        to include ``desired`` before anything is created and narrowed to exactly
+        ``desired`` once all operations succeeded, so a crash in between never
+        forgets a service we made.
+        """
+        owned = self.owned()
+        actual = self.read()
+        ops = diff_ipvs(desired, actual, owned)
+        wanted = desired.keys()
+        if not owned >= wanted:
+            write_owned(self.owned_path, owned | wanted)
+        self.apply(ops)
+        if owned != wanted:
+            write_owned(self.owned_path, wanted)
+        return ops
+
+    def remove_owned(self) -> list[IpvsOp]:
+        """Delete every service we own (stop with remove_on_stop); clears the record."""
+        return self.reconcile(IpvsState())
+
+
+_QUIET_IPVS: Any = None
+
+
+def _quiet_ipvs_class() -> Any:
+    """pyroute2's IPVS socket, minus its error-level log line when the family is
+    missing ("Generic netlink protocol IPVS not found"): we report that ourselves."""
+    global _QUIET_IPVS
+    if _QUIET_IPVS is None:
+        from pyroute2 import IPVS, AsyncIPVS
+
+        class _QuietAsyncIPVS(AsyncIPVS):
+            module_err_level = "debug"
+
+        class _QuietIPVS(IPVS):
+            async_class = _QuietAsyncIPVS
+
+        _QUIET_IPVS = _QuietIPVS
+    return _QUIET_IPVS
+
+
+def _af(family: int) -> int:
+    return socket.AF_INET6 if family == 6 else socket.AF_INET
