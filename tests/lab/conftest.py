@@ -1,0 +1,73 @@
+"""Fixtures of the host-tier lab tests (network namespaces on the real kernel).
+
+* ``lab``: a fresh :class:`netnslab.topology.Lab` (client, router, LAN bridge,
+  director-a, director-b, responders), torn down after the test even on failure.
+* ``make_cluster``: builds and starts the daemons of the ``lab`` with given settings
+  (``make_cluster(a=NodeSettings(...), b=...)``); every daemon is stopped after.
+* ``pair``: ``make_cluster()`` with the defaults (a: priority 150, b: 100, 100 ms adverts).
+
+Not root: skipped with the reason, except in CI (``CI=true``), where it is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable
+
+import pytest
+
+from netnslab.configgen import NodeSettings
+from netnslab.daemons import Cluster, default_settings
+from netnslab.topology import Lab
+
+
+def _require_lab() -> None:
+    problem = None
+    if os.geteuid() != 0:
+        problem = "lab tests need root (they create network namespaces)"
+    elif shutil.which("ip") is None:
+        problem = "lab tests need iproute2's ip"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{problem}; CI must run them")
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def lab_required() -> None:
+    """Skips (or, in CI, fails) when the lab cannot run here."""
+    _require_lab()
+
+
+@pytest.fixture
+def lab():
+    _require_lab()
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def make_cluster(lab: Lab):
+    made: list[Cluster] = []
+
+    def make(start: bool = True, key: bytes | None = None, **settings: NodeSettings) -> Cluster:
+        chosen = default_settings(lab.director_names)
+        for short, s in settings.items():
+            chosen[f"director-{short}" if len(short) == 1 else short] = s
+        cluster = Cluster(lab, chosen, key=key)
+        made.append(cluster)
+        if start:
+            cluster.start()
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.stop()
+
+
+@pytest.fixture
+def pair(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster()
