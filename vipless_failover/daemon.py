@@ -1,0 +1,428 @@
+"""vipless-failoverd: wiring. One asyncio loop drives the pure election FSM.
+
+Every input (advert, timer, command, signal, link event) is queued and handled by one
+task, in order: the FSM is called, then its actions are carried out in the order given
+(e.g. install delivery -> advert -> announce), then the single timer is re-armed from
+``next_deadline()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, config as config_mod
+from .announce import Announcer, check_interface
+from .control import ControlError, ControlServer, Peer
+from .dataplane.reconcile import Dataplane
+from .election import fsm
+from .election.protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
+from .election.transport import AdvertTransport
+from .linkwatch import LinkWatch
+from .log import setup as setup_logging
+from .nexthop import NextHopAddress
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+RESUME_FILE = "resume-{node}.json"
+
+
+@dataclass
+class Input:
+    kind: str  # "advert" | "timer" | "command"
+    payload: Any = None
+    src: Any = None
+    reply: asyncio.Future | None = None
+
+
+class Daemon:
+    def __init__(self, cfg: config_mod.Config, key: bytes, log: Any, netns: str | None = None):
+        self.cfg = cfg
+        self.key = key
+        self.log = log.bind(node=cfg.node.name)
+        self.netns = netns
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.digest = cfg.shared_digest()[:16]
+        self.election = fsm.Election(fsm.Params.from_config(cfg, self.digest))
+        self.decoder = AdvertDecoder(key, cfg.election.cluster_id)
+        self.dataplane = Dataplane(cfg, self.log)
+        self.announcer = Announcer(cfg, self.log)
+        self.nexthop = NextHopAddress(cfg, self.log) if cfg.announce.mode == "next-hop" else None
+        self.transport: AdvertTransport | None = None
+        self.control: ControlServer | None = None
+        self.links: LinkWatch | None = None
+        self.queue: asyncio.Queue[Input] = asyncio.Queue()
+        self.timer: asyncio.TimerHandle | None = None
+        self.counter = 0
+        self.exit_code: int | None = None
+        self.exit_restart = False
+        self.done = asyncio.Event()
+        self.waiters: list[tuple[str, asyncio.Future]] = []  # promote/demote waiting for completion
+        self.history: deque[dict[str, Any]] = deque(maxlen=16)
+        self.stats: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.started_wall = time.time()
+        self.runtime_dir = cfg.control.socket.parent
+
+    # -- time -----------------------------------------------------------------
+
+    def now(self) -> float:
+        assert self.loop is not None
+        return self.loop.time()
+
+    def wall(self, mono: float) -> float:
+        return time.time() - (self.now() - mono)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        resume = self._take_resume_marker()
+        try:
+            # pyroute2's synchronous API runs its own loop: keep it off ours
+            await asyncio.to_thread(check_interface, self.cfg)
+        except config_mod.ConfigError as exc:
+            print(f"vipless-failoverd: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            await self.dataplane.start()
+            await self.announcer.open()
+            self.transport = await AdvertTransport.open(self.cfg, self._on_datagram, logger=self.log)
+            self.control = ControlServer(self.cfg.control.socket, self.cfg.control.group, self._control, self.log)
+            await self.control.start()
+            self.links = LinkWatch(self.cfg.node.interface, self._on_link, self.log)
+            up = await self.links.start()
+        except (OSError, ControlError, config_mod.ConfigError, RuntimeError) as exc:
+            self.log.error("startup_failed", error=str(exc))
+            await self._shutdown_io(withdraw=not resume)
+            return EXIT_FAILURE
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._signal_stop, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
+        worker = self.loop.create_task(self._worker(), name="election")
+        if not up:
+            self.submit_command(fsm.SetFault(f"link:{self.cfg.node.interface}", True))
+        self.submit_command(fsm.Start(resume_master=resume))
+        self.log.info("started", version=__version__, config=str(self.cfg.path), resume=resume,
+                      priority=self.cfg.election.priority, interval_ms=self.cfg.election.advert_interval_ms,
+                      transport=self.cfg.election.transport, ipvs_available=self.dataplane.ipvs_available)
+        await self.done.wait()
+        worker.cancel()
+        try:
+            await worker
+        except asyncio.CancelledError:
+            pass
+        await self._shutdown_io(withdraw=not self.exit_restart)
+        if self.exit_restart:
+            self._write_resume_marker()
+        self.log.info("stopped", restart=self.exit_restart)
+        return self.exit_code or EXIT_OK
+
+    async def _shutdown_io(self, withdraw: bool) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.links is not None:
+            self.links.close()
+        if self.control is not None:
+            await self.control.close()
+        if self.transport is not None:
+            self.transport.close()
+        await self.announcer.close()
+        if withdraw:
+            if self.nexthop is not None:
+                await self.nexthop.remove()
+            await self.dataplane.stop()
+
+    def _signal_stop(self, sig: int) -> None:
+        self.log.info("signal", signal=signal.Signals(sig).name)
+        self.submit_command(fsm.Stop())
+
+    async def reload(self) -> dict[str, Any]:
+        try:
+            new = config_mod.load(self.cfg.path)
+        except config_mod.ConfigError as exc:
+            self.log.error("reload_failed", error=str(exc))
+            return {"ok": False, "error": str(exc)}
+        problems = [k for k in ("node", "election") if getattr(new, k) != getattr(self.cfg, k)]
+        if problems:
+            msg = f"reload cannot change [{'], ['.join(problems)}]: restart the daemon for that"
+            self.log.error("reload_failed", error=msg)
+            return {"ok": False, "error": msg}
+        self.cfg = new
+        await self.dataplane.reload(new)
+        self.log.info("reloaded", config=str(new.path))
+        return {"ok": True, "data": {"reloaded": str(new.path)}}
+
+    # -- resume marker (restart in place) ----------------------------------------
+
+    def _resume_path(self) -> Path:
+        return self.runtime_dir / RESUME_FILE.format(node=self.cfg.node.name)
+
+    def _write_resume_marker(self) -> None:
+        path = self._resume_path()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"at": time.time(), "hold_ms": self.cfg.election.restart_hold_ms}))
+        os.replace(tmp, path)
+
+    def _take_resume_marker(self) -> bool:
+        path = self._resume_path()
+        try:
+            data = json.loads(path.read_text())
+            path.unlink()
+        except (OSError, ValueError):
+            return False
+        age = time.time() - float(data.get("at", 0))
+        return 0 <= age * 1000 < float(data.get("hold_ms", 0))
+
+    # -- inputs -------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, src: Any) -> None:
+        self.stats["adverts_received"] += 1
+        try:
+            msg = self.decoder.decode(data)
+        except AdvertRejected as exc:
+            self.rejected[exc.reason] += 1
+            if self.rejected[exc.reason] in (1, 10, 100, 1000) or self.rejected[exc.reason] % 10000 == 0:
+                self.log.warning("advert_rejected", reason=exc.reason, src=str(src), detail=exc.detail,
+                                 count=self.rejected[exc.reason])
+            return
+        if msg.node == self.cfg.node.name:
+            return
+        if msg.config_digest != self.digest:
+            self.rejected["config_digest_mismatch"] += 1  # reported, not fatal
+        self.queue.put_nowait(Input("advert", msg, src))
+
+    def _on_link(self, up: bool) -> None:
+        self.log.info("link", interface=self.cfg.node.interface, up=up)
+        self.submit_command(fsm.SetFault(f"link:{self.cfg.node.interface}", not up))
+
+    def submit_command(self, cmd: fsm.Command) -> None:
+        self.queue.put_nowait(Input("command", cmd))
+
+    def _arm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        deadline = self.election.next_deadline()
+        if deadline is not None:
+            self.timer = self.loop.call_at(deadline, lambda: self.queue.put_nowait(Input("timer")))
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self.queue.get()
+            now = self.now()
+            try:
+                if item.kind == "advert":
+                    actions = self.election.handle_advert(item.payload, item.src, now)
+                elif item.kind == "timer":
+                    actions = self.election.handle_timer(now)
+                else:
+                    actions = self.election.handle_command(item.payload, now)
+            except fsm.LocalError as exc:
+                self.log.error("election_misuse", error=str(exc))
+                actions = []
+            await self._execute(actions)
+            self._arm_timer()
+            self._check_waiters()
+
+    # -- actions -----------------------------------------------------------------
+
+    async def _execute(self, actions: list[fsm.Action]) -> None:
+        for action in actions:
+            match action:
+                case fsm.SendAdvert():
+                    self._send(action)
+                case fsm.Transition(old=old, new=new, reason=reason):
+                    self._transition(old, new, reason)
+                case fsm.InstallDelivery():
+                    await self.dataplane.set_delivery(True)
+                case fsm.WithdrawDelivery():
+                    await self.dataplane.set_delivery(False)
+                case fsm.StartAnnounce(reason=reason):
+                    if self.nexthop is not None:
+                        try:
+                            await self.nexthop.add()
+                        except Exception as exc:  # noqa: BLE001 - reported; the election goes on
+                            self.log.error("next_hop_error", error=str(exc))
+                    self.announcer.start(reason)
+                case fsm.StopAnnounce():
+                    self.announcer.stop()
+                    if self.nexthop is not None:
+                        try:
+                            await self.nexthop.remove()
+                        except Exception as exc:  # noqa: BLE001
+                            self.log.error("next_hop_error", error=str(exc))
+                case fsm.Exit(restart=restart):
+                    self.exit_restart = restart
+                    self.exit_code = EXIT_OK
+                    self.done.set()
+                case fsm.Refused(command=command, reason=reason):
+                    self.log.warning("command_refused", command=command, reason=reason)
+                    self._fail_waiters(command, reason)
+                case fsm.Notice(kind=kind, peer=peer, detail=detail):
+                    self.stats[f"notice_{kind}"] += 1
+                    level = "warning" if kind in ("split_brain", "config_mismatch") else "info"
+                    getattr(self.log, level)(kind, peer=peer, detail=detail)
+
+    def _send(self, action: fsm.SendAdvert) -> None:
+        if self.transport is None:
+            return
+        self.counter = next_counter(self.counter, time.time_ns() // 1000)
+        msg = Advert(cluster_id=self.cfg.election.cluster_id, node=self.cfg.node.name,
+                     address=self.cfg.node.address, priority=action.priority,
+                     advert_interval_ms=self.cfg.election.advert_interval_ms, state=action.state,
+                     flags=action.flags, successor=action.successor, hold_ms=action.hold_ms,
+                     counter=self.counter, config_digest=self.digest)
+        self.transport.send(encode_advert(msg, self.key))
+        self.stats["adverts_sent"] += 1
+
+    def _transition(self, old: State, new: State, reason: str) -> None:
+        entry = {"from": old.name, "to": new.name, "reason": reason, "at": time.time()}
+        self.history.append(entry)
+        self.log.info("transition", **{"from": old.name, "to": new.name}, reason=reason,
+                      priority=self.election.priority, peer=self.election.master or "")
+
+    # -- control commands -----------------------------------------------------------
+
+    def _check_waiters(self) -> None:
+        keep = []
+        for what, fut in self.waiters:
+            if fut.done():
+                continue
+            st = self.election.state
+            if what == "promote" and st is State.MASTER:
+                fut.set_result({"ok": True, "data": {"state": st.name}})
+            elif what == "demote" and st is not State.MASTER and self.election.master not in (None, self.cfg.node.name):
+                fut.set_result({"ok": True, "data": {"state": st.name, "master": self.election.master}})
+            else:
+                keep.append((what, fut))
+        self.waiters = keep
+
+    def _fail_waiters(self, command: str, reason: str) -> None:
+        for what, fut in self.waiters:
+            if what == command and not fut.done():
+                fut.set_result({"ok": False, "error": reason})
+
+    async def _wait_for(self, what: str, cmd: fsm.Command, timeout: float) -> dict[str, Any]:
+        fut = self.loop.create_future()
+        self.waiters.append((what, fut))
+        self.submit_command(cmd)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return {"ok": False, "error": f"{what} did not complete within {timeout:g} s "
+                                          f"(state {self.election.state.name})"}
+
+    def status(self) -> dict[str, Any]:
+        now = self.now()
+        st = self.election.status(now)
+        st.update({
+            "version": __version__,
+            "config": str(self.cfg.path),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_wall, 3),
+            "last_transition": self.history[-1] if self.history else None,
+            "transitions": list(self.history),
+            "adverts": {"sent": self.stats["adverts_sent"], "received": self.stats["adverts_received"],
+                        "rejected": dict(self.rejected)},
+            "dataplane": self.dataplane.status(),
+            "ipvs_available": self.dataplane.ipvs_available,
+            "announce": self.announcer.status(),
+            "transport": self.transport.counters() if self.transport is not None else {},
+        })
+        return st
+
+    async def _control(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cmd = req["cmd"]
+        timeout = float(req.get("timeout", 10.0))
+        if cmd == "status":
+            return {"ok": True, "data": self.status()}
+        self.log.info("control", cmd=cmd, uid=peer.uid, pid=peer.pid)
+        if cmd == "promote":
+            if self.election.state is State.MASTER:
+                return {"ok": True, "data": {"state": "MASTER", "note": "already master"}}
+            return await self._wait_for("promote", fsm.Promote(), timeout)
+        if cmd == "demote":
+            if self.election.state is not State.MASTER:
+                return {"ok": False, "error": f"not master (state is {self.election.state.name})"}
+            return await self._wait_for("demote", fsm.Demote(), timeout)
+        if cmd == "maintenance":
+            on = req.get("on")
+            if not isinstance(on, bool):
+                return {"ok": False, "error": "maintenance needs on: true|false"}
+            return await self._wait_for("maintenance", fsm.SetMaintenance(on), timeout) if (
+                on and self.election.state is State.MASTER) else self._apply_now(fsm.SetMaintenance(on))
+        if cmd == "reload":
+            return await self.reload()
+        if cmd == "announce":
+            if self.election.state is not State.MASTER:
+                return {"ok": False, "error": f"not master (state is {self.election.state.name})"}
+            self.announcer.start("operator")
+            return {"ok": True, "data": self.announcer.status()}
+        if cmd == "restart":
+            self.submit_command(fsm.Stop(restart=True))
+            return {"ok": True, "data": {"restarting": True}}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _apply_now(self, cmd: fsm.Command) -> dict[str, Any]:
+        self.submit_command(cmd)
+        return {"ok": True, "data": {}}
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vipless-failoverd",
+        description="Failover daemon for LVS directors that hold no VIP on any interface.",
+        epilog="Signals: SIGTERM/SIGINT hand over and drain, then exit 0; SIGHUP reloads the config. "
+               "Exit status: 0 stopped cleanly, 1 runtime failure, 2 bad config or usage.")
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML config file")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the config (and key file) and exit: 0 valid, 2 invalid")
+    p.add_argument("--log-format", choices=("json", "console"), default="json",
+                   help="log format on stdout (default: json)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+        key = config_mod.read_key(cfg)
+    except config_mod.ConfigError as exc:
+        print(f"vipless-failoverd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{cfg.path}: OK")
+        return EXIT_OK
+    log = setup_logging(args.log_format, args.log_level)
+
+    async def _run() -> tuple[int, bool]:
+        daemon = Daemon(cfg, key, log)
+        code = await daemon.run()
+        return code, daemon.exit_restart
+
+    code, restart = asyncio.run(_run())
+    if restart:
+        # restart in place: same PID for systemd; the new process resumes as master
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "vipless_failover.daemon", *(argv if argv is not None else sys.argv[1:])])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
