@@ -253,6 +253,34 @@ def test_multicast_on_another_interface_is_not_seen(lab: Lab, agents: dict[str, 
 
 
 @pytest.mark.parametrize("family", [4, 6])
+def test_unicast_on_another_interface_is_not_seen(lab: Lab, agents: dict[str, Agent], family: int) -> None:
+    """x reaches n1's LAN address through n1's other interface (weak host model would
+    accept it); a transport bound to the LAN interface must not see it."""
+    port = next(_ports)
+    lan_addr, x_addr = LAN[family].format(1), OTHER[family].format(2)
+    cfg = node_config(lab, 1, family, "unicast", port, peers=(2,))
+    cfg["election"]["peers"].append(x_addr)  # the source is a peer: only the interface filters it
+    agents["1"].call(op="open", id="lan", config=cfg)
+    control = node_config(lab, 1, family, "unicast", port, interface=lab.other_if)
+    control["election"]["peers"] = [x_addr]
+    agents["1"].call(op="open", id="other", config=control)
+    agents["2"].call(op="open", id="t", config=node_config(lab, 2, family, "unicast", port, peers=(1,)))
+    mac = json.loads(subprocess.run(["ip", "-n", lab.n[1], "-j", "link", "show", lab.other_if],
+                                    check=True, capture_output=True, timeout=10).stdout)[0]["address"]
+    _ip("-n", lab.x, "neigh", "replace", lan_addr, "lladdr", mac, "dev", f"{lab.p}x0", "nud", "permanent")
+    _ip("-n", lab.x, "route", "replace", f"{lan_addr}/{32 if family == 4 else 128}", "dev", f"{lab.p}x0")
+
+    agents["x"].call(op="raw", family=family, src=x_addr, dst=lan_addr, port=port, ttl=255,
+                     ifname=f"{lab.p}x0", data=b"other-lan".hex())
+    other = agents["1"].call(op="wait", id="other", count=1, within=5)
+    assert received(other) == [("other-lan", x_addr)]
+    agents["2"].call(op="send", id="t", data=b"marker".hex())
+    lan = agents["1"].call(op="wait", id="lan", count=1, within=5)
+    assert received(lan) == [("marker", LAN[family].format(2))]
+    assert lan["counters"]["ttl_drops"] == 0 and lan["counters"]["foreign_drops"] == 0
+
+
+@pytest.mark.parametrize("family", [4, 6])
 def test_unicast_only_between_peers(lab: Lab, agents: dict[str, Agent], family: int) -> None:
     port = next(_ports)
     agents["1"].call(op="open", id="t", config=node_config(lab, 1, family, "unicast", port, peers=(2,)))
