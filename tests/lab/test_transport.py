@@ -309,6 +309,18 @@ def test_unicast_only_between_peers(lab: Lab, agents: dict[str, Agent], family: 
     assert received(reply) == [("marker", LAN[family].format(1))]
 
 
+def test_burst_larger_than_one_batch_is_fully_read(lab: Lab, agents: dict[str, Agent]) -> None:
+    from vipless_failover.election.transport import RECV_BATCH
+
+    port = next(_ports)
+    burst = 3 * RECV_BATCH
+    agents["1"].call(op="open", id="t", config=node_config(lab, 1, 4, "multicast", port))
+    agents["2"].call(op="raw", family=4, src=LAN[4].format(2), dst=GROUP[4], port=port, ttl=255,
+                     ifname=lab.lan_if, data=b"b".hex(), count=burst)
+    reply = agents["1"].call(op="wait", id="t", count=burst, within=5)
+    assert sorted(d for d, _ in received(reply)) == sorted(f"b-{n}" for n in range(burst))
+
+
 def test_send_errors_are_counted_not_raised(lab: Lab, agents: dict[str, Agent]) -> None:
     port = next(_ports)
     for transport in ("multicast", "unicast"):
@@ -374,7 +386,9 @@ async def _agent_main() -> None:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
                 s.bind((cmd["src"], 0))
                 dest = (cmd["dst"], cmd["port"], 0, ifindex)
-            s.sendto(bytes.fromhex(cmd["data"]), dest)
+            for n in range(min(int(cmd.get("count", 1)), 1000)):  # bounded
+                payload = bytes.fromhex(cmd["data"])
+                s.sendto(payload + (b"-%d" % n if "count" in cmd else b""), dest)
 
     while True:
         line = await asyncio.wait_for(reader.readline(), timeout=120)
