@@ -293,6 +293,10 @@ class Cluster:
         deadline = time.monotonic() + timeout
         states: dict[str, str | None] = {}
         while True:
+            dead = [d for d in self.daemons.values() if d.proc is not None and not d.running]
+            if dead and all(d.proc is not None and not d.running for d in self.daemons.values()):
+                raise topology.LabError("every daemon exited: " + "; ".join(
+                    f"{d.tag} ({d.proc.popen.returncode}): {d.log_text()[-800:]}" for d in dead if d.proc))
             states = {d.tag: (d.state() if d.running else "STOPPED") for d in self.daemons.values()}
             masters = [t for t, s in states.items() if s == "MASTER"]
             others_ok = all(s in ("BACKUP", "STOPPED") for t, s in states.items() if t not in masters)

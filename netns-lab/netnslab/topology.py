@@ -14,6 +14,8 @@
   every VIP with ARP/NS on the LAN. In ``next-hop`` mode it routes them via the floating
   next hop 192.0.2.100 / 2001:db8:1::100 that only the master holds.
 * Directors hold no VIP on any interface; each runs the responder (:mod:`netnslab.responder`).
+  In ``per-vip`` mode they have the VIP prefixes on-link on their LAN interface (a
+  route ``dev``, like the router; the daemon checks it at start).
 
 Every name the lab creates carries its per-run prefix (``vf<6 hex>-``): namespaces are
 ``<prefix><role>`` and links are created directly inside those namespaces (never in the
@@ -361,6 +363,11 @@ class Lab:
             self._addr(d, d_if, a4, a6)
             self.ip(d, "route", "add", "default", "via", str(ROUTER_LAN4.ip))
             self.ip(d, "-6", "route", "add", "default", "via", str(ROUTER_LAN6.ip))
+            if self.announce_mode == "per-vip":
+                # the VIP prefixes are on-link on the LAN for the directors too (a link
+                # route, no address): the daemon checks this at start in per-VIP mode
+                self.ip(d, "route", "add", str(VIP_NET4), "dev", d_if)
+                self.ip(d, "-6", "route", "add", str(VIP_NET6), "dev", d_if)
         self._wait_carrier()
         self.state.info["hosts"] = {r: {"ns": h.ns, "iface": h.iface, "addr4": str(h.addr4),
                                         "addr6": str(h.addr6)} for r, h in self.hosts.items()}

@@ -41,9 +41,12 @@ def lab_required() -> None:
 
 
 @pytest.fixture
-def lab():
+def lab(request: pytest.FixtureRequest):
+    """A fresh lab; ``@pytest.mark.parametrize("lab", [{...Lab kwargs}], indirect=True)``
+    changes it (e.g. three directors)."""
     _require_lab()
-    with Lab() as lab:
+    kwargs = getattr(request, "param", None) or {}
+    with Lab(**kwargs) as lab:
         yield lab
 
 
