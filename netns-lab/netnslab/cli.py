@@ -77,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("netns-lab demo: two VIP-less directors elect a master; the master is killed "
           "(SIGKILL); the client keeps sending requests to a VIP every 10 ms.")
     res = scenarios.run_scenario("master-kill", interval_ms=args.interval_ms, say=print,
-                                 announce_mode=args.announce_mode)
+                                 announce_mode=args.announce_mode, power_off=args.power_off)
     print(res.line())
     return 0 if res.ok else 1
 
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="elect, kill the master, show what the client saw")
     p.add_argument("--interval-ms", type=int, default=100)
     p.add_argument("--announce-mode", choices=topology.ANNOUNCE_MODES, default="per-vip")
+    p.add_argument("--power-off", action="store_true",
+                   help="also take the master's LAN link down (the whole director dies, not only the daemon)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("scenario", help="run a failure scenario (NAME, all, or list)")
     p.add_argument("name")
