@@ -227,9 +227,27 @@ def _iproute(netns: str | None):
     return IPRoute(netns=netns) if netns else IPRoute()
 
 
+def blocking(fn, *args: Any) -> Any:
+    """Run a short blocking pyroute2 call. pyroute2 0.9's synchronous IPRoute drives
+    its own event loop, which cannot run in a thread whose loop is running: there
+    the call goes to a worker thread (and this thread waits for it: milliseconds)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink") as pool:
+        return pool.submit(fn, *args).result()
+
+
 def read_interface(ifname: str, netns: str | None = None) -> dict[str, Any]:
     """ifindex, MAC, link-local and all addresses (with prefix length, scope, proto) of
-    ``ifname``, and the gateway-less routes through it in the main table."""
+    ``ifname``, and the gateway-less routes through it in the main table.
+    (Blocking; safe to call from a coroutine, see :func:`blocking`.)"""
+    return blocking(_read_interface, ifname, netns)
+
+
+def _read_interface(ifname: str, netns: str | None) -> dict[str, Any]:
     with _iproute(netns) as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
@@ -523,7 +541,8 @@ class Announcer:
         ann = cfg.announce
         if self.mode == "none":
             return
-        facts = read_interface(cfg.node.interface, self.netns)
+        # pyroute2's synchronous API runs its own event loop: keep it off ours
+        facts = await asyncio.to_thread(read_interface, cfg.node.interface, self.netns)
         self.mac = mac_bytes(facts["mac"])
         self.ll_src = facts["link_local"]
         if self.ll_src is None:

@@ -14,15 +14,25 @@ the kernel itself answers ARP/NS for it, since it is an interface address.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import socket
 from typing import Any
 
+from .announce import blocking
 from .config import Config
 
 IFA_F_NODAD = 0x02
 LABEL_SUFFIX = ":vf"
+
+
+def kernel_has_ifa_proto(release: str | None = None) -> bool:
+    """IFA_PROTO exists since Linux 6.1."""
+    import os
+    import re
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (6, 1)
 
 
 class NextHopConflict(RuntimeError):
@@ -42,29 +52,24 @@ class NextHopAddress:
         self.protocol = cfg.delivery.protocol
         label = self.ifname + LABEL_SUFFIX
         self.label = label if nh.version == 4 and len(label) <= 15 else None
-        self._ipr: Any = None
         self.use_proto: bool | None = None  # learned on first add/lookup
 
-    # -- netlink ---------------------------------------------------------------
+    # -- netlink (blocking; run in a worker thread, see announce.blocking) -----------
 
-    def _iproute(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self._ipr
+    def _with_ipr(self, fn):
+        from pyroute2 import IPRoute
+        with (IPRoute(netns=self.netns) if self.netns else IPRoute()) as ipr:
+            return fn(ipr)
 
-    def _index(self) -> int:
-        idx = self._iproute().link_lookup(ifname=self.ifname)
+    def _find(self, ipr: Any) -> tuple[int, list[Any]]:
+        """(ifindex, messages for our address on the interface)."""
+        idx = ipr.link_lookup(ifname=self.ifname)
         if not idx:
             raise OSError(errno.ENODEV, f"no such interface {self.ifname!r}")
-        return idx[0]
-
-    def _find(self) -> tuple[int, list[Any]]:
-        """(ifindex, messages for our address on the interface)."""
-        index = self._index()
+        index = idx[0]
         family = socket.AF_INET if self.interface.version == 4 else socket.AF_INET6
         found = []
-        for msg in self._iproute().get_addr(index=index, family=family):
+        for msg in ipr.get_addr(index=index, family=family):
             addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
             if addr is not None and ipaddress.ip_address(addr) == self.interface.ip:
                 found.append(msg)
@@ -72,40 +77,46 @@ class NextHopAddress:
 
     def _ours(self, msg: Any) -> bool:
         proto = msg.get("IFA_PROTO")
-        if proto is not None:
-            return proto == self.protocol
+        if proto is not None or (self.use_proto is not False and kernel_has_ifa_proto()):
+            return proto == self.protocol  # the kernel omits IFA_PROTO 0 (not tagged)
         # kernel without IFA_PROTO: exact address + label (IPv4) / address (IPv6)
         if self.interface.version == 4:
             return self.label is not None and msg.get("IFA_LABEL") == self.label
         return True
 
-    def present(self) -> bool:
-        """Whether our next-hop address is on the interface now."""
+    def _present(self, ipr: Any) -> bool:
         try:
-            _, found = self._find()
+            _, found = self._find(ipr)
         except OSError:
             return False
         return any(self._ours(m) for m in found)
 
+    def present(self) -> bool:
+        """Whether our next-hop address is on the interface now (a netlink dump)."""
+        return blocking(self._with_ipr, self._present)
+
     async def add(self) -> None:
         """Hold the address (idempotent). Raises NextHopConflict if someone else holds it."""
-        index, found = self._find()
+        added = await asyncio.to_thread(self._with_ipr, self._add)
+        if added:
+            self.log.info("nexthop.added", address=str(self.interface), interface=self.ifname,
+                          tagged="proto" if self.use_proto else "label")
+
+    def _add(self, ipr: Any) -> bool:
+        index, found = self._find(ipr)
         if found:
             if any(self._ours(m) for m in found):
-                return
+                return False
             raise NextHopConflict(f"{self.interface.ip} is on {self.ifname} but was not added by us")
         kwargs: dict[str, Any] = {"index": index, "address": str(self.interface.ip),
                                   "prefixlen": self.interface.network.prefixlen}
         if self.interface.version == 4:
-            kwargs["broadcast"] = str(self.interface.network.broadcast_address) \
-                if self.interface.network.prefixlen < 31 else None
-            if kwargs["broadcast"] is None:
-                del kwargs["broadcast"]
+            if self.interface.network.prefixlen < 31:
+                kwargs["broadcast"] = str(self.interface.network.broadcast_address)
             if self.label:
                 kwargs["label"] = self.label
         else:
             kwargs["flags"] = IFA_F_NODAD
-        ipr = self._iproute()
         if self.use_proto is not False:
             try:
                 ipr.addr("add", proto=self.protocol, **kwargs)
@@ -116,28 +127,33 @@ class NextHopAddress:
                 self.use_proto = False
         if self.use_proto is False:
             ipr.addr("add", **kwargs)
-        self.log.info("nexthop.added", address=str(self.interface), interface=self.ifname,
-                      tagged="proto" if self.use_proto else "label")
+        return True
 
     async def remove(self) -> None:
         """Give the address up (idempotent; never removes an address that is not ours)."""
+        removed, foreign = await asyncio.to_thread(self._with_ipr, self._remove)
+        if foreign:
+            self.log.warning("nexthop.not_ours", address=str(self.interface.ip), interface=self.ifname)
+        if removed:
+            self.log.info("nexthop.removed", address=str(self.interface), interface=self.ifname)
+
+    def _remove(self, ipr: Any) -> tuple[bool, bool]:
         try:
-            index, found = self._find()
+            index, found = self._find(ipr)
         except OSError:
-            return  # interface gone: so is the address
+            return False, False  # interface gone: so is the address
+        removed = foreign = False
         for msg in found:
             if not self._ours(msg):
-                self.log.warning("nexthop.not_ours", address=str(self.interface.ip), interface=self.ifname)
+                foreign = True
                 continue
             try:
-                self._iproute().addr("del", index=index, address=str(self.interface.ip),
-                                     prefixlen=msg["prefixlen"])
+                ipr.addr("del", index=index, address=str(self.interface.ip), prefixlen=msg["prefixlen"])
+                removed = True
             except Exception as exc:
                 if getattr(exc, "code", None) != errno.EADDRNOTAVAIL:
                     raise
-            self.log.info("nexthop.removed", address=str(self.interface), interface=self.ifname)
+        return removed, foreign
 
     def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        """Nothing is held open (each operation opens its own netlink socket)."""
