@@ -42,6 +42,7 @@ class Sim:
         self.now = 0.0
         self.nodes: dict[str, Node] = {}
         self.cut: set[frozenset[str]] = set()  # pairs that cannot hear each other
+        self.oneway: set[tuple[str, str]] = set()  # (sender, receiver) pairs dropped
         self.check_single_master = check_single_master
         self.adverts: list[tuple[float, str, fsm.SendAdvert]] = []
         self._queue: list[tuple[Node, Advert]] = []  # in flight: delivered after the sender's actions
@@ -89,8 +90,12 @@ class Sim:
     def partition(self, a: str, b: str) -> None:
         self.cut.add(frozenset((a, b)))
 
+    def block(self, sender: str, receiver: str) -> None:
+        self.oneway.add((sender, receiver))
+
     def heal(self) -> None:
         self.cut.clear()
+        self.oneway.clear()
 
     def next_time(self) -> float | None:
         times = [n.election.next_deadline() for n in self.nodes.values() if n.alive and not n.exited]
@@ -144,6 +149,8 @@ class Sim:
                     if other is sender or not other.alive or other.exited:
                         continue
                     if frozenset((sender.name, other.name)) in self.cut:
+                        continue
+                    if (sender.name, other.name) in self.oneway:
                         continue
                     self._apply_only(other, other.election.handle_advert(msg, msg.address, self.now))
         finally:

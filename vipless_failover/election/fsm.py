@@ -164,7 +164,6 @@ class Event(enum.Enum):
     START = "start"
     RESUME = "resume"
     MASTER_DOWN = "master_down"  # master-down timer expired
-    PROMOTE_UNOPPOSED = "promote"  # promote with no live master
     HANDOVER_TO_ME = "handover"  # the master named us its successor
     HIGHER_MASTER = "higher_priority_master"
     TAKEOVER_REQUEST = "takeover_request"  # a peer asked for mastership (promote/preempt)
@@ -184,7 +183,6 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     },
     State.BACKUP: {
         Event.MASTER_DOWN: State.MASTER,
-        Event.PROMOTE_UNOPPOSED: State.MASTER,
         Event.HANDOVER_TO_ME: State.MASTER,
         Event.FAULT: State.FAULT,
     },
@@ -200,6 +198,11 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.FAULT_CLEARED: State.BACKUP,
     },
 }
+
+
+#: takeover requests a preempting backup sends before it falls back to RFC 5798
+#: preemption (ignoring the lower-priority master's adverts until its timer expires)
+PREEMPT_REQUESTS = 3
 
 
 class LocalError(Exception):
@@ -296,6 +299,7 @@ class Election:
         self.started_at: float | None = None
         self.promote_until: float | None = None  # a promote is pending until then
         self.request_at: float = 0.0  # next takeover request may be sent at
+        self.preempt_requests = 0  # unanswered preempt requests to the current master
         self.history: deque[HistoryEntry] = deque(maxlen=self.HISTORY)
         self._mismatch_reported: set[str] = set()
 
@@ -373,10 +377,13 @@ class Election:
             if self.drain is not None:
                 self.drain = None
             actions.append(WithdrawDelivery())
+            if self.stopping:
+                actions.append(Exit())  # a fault during a graceful stop ends it
         return actions
 
     def _enter_master(self, now: float, reason: str) -> list[Action]:
         self.master = self.p.node
+        self.preempt_requests = 0
         self.master_interval_ms = self.p.advert_interval_ms
         self.master_down_at = None
         self.promote_until = None
@@ -479,11 +486,18 @@ class Election:
             self._arm_master_down(now, at_least=msg.hold_ms / 1000.0)
             return actions
         if msg.priority < self.priority and self._may_preempt(now):
-            # Preempt without a gap: ask the master to hand over; keep our timer
-            # running (RFC 5798 behaviour) in case the master never answers.
-            if self.master_down_at is None:
+            # Preempt without a gap: ask the master to hand over, and meanwhile keep
+            # treating it as master. Only if it ignores PREEMPT_REQUESTS requests do we
+            # fall back to RFC 5798 preemption (stop resetting the timer, time out).
+            if self.preempt_requests < PREEMPT_REQUESTS:
                 self._arm_master_down(now)
-            return actions + self._request_takeover(now, "preempt")
+            elif self.master_down_at is None:
+                self._arm_master_down(now)
+            sent = self._request_takeover(now, "preempt")
+            if sent:
+                self.preempt_requests += 1
+            return actions + sent
+        self.preempt_requests = 0
         self._arm_master_down(now)
         if self.promote_until is not None:
             actions += self._request_takeover(now, "promote")
@@ -606,8 +620,9 @@ class Election:
                 if self.stopping:
                     return [Refused("promote", "stopping")]
                 self.yielded = False
-                if self.master is None or self.master_down_at is None:
-                    return self._go(Event.PROMOTE_UNOPPOSED, now, reason="promote")
+                # Ask whoever is master to hand over. With no master known (just
+                # started, or the master left), a live master we have not heard yet
+                # still answers; if none does, our master-down timer makes us master.
                 self.promote_until = now + self.master_down_interval() + self.interval
                 self.request_at = now
                 return self._request_takeover(now, "promote")
