@@ -141,15 +141,7 @@ class Dataplane:
 
     async def stop(self) -> None:
         """Withdraw delivery; remove routes, marks and IPVS too if remove_on_stop."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        self._tasks.clear()
-        self._stop_watching()
+        await self._stop_tasks()
         if not self._started:
             return
         self.delivery = False
@@ -159,6 +151,24 @@ class Dataplane:
         finally:
             self._rules.close()
             self._started = False
+
+    async def close(self) -> None:
+        """Stop watching and close sockets, leaving every kernel object as it is
+        (restart in place: the next process adopts them with zero operations)."""
+        await self._stop_tasks()
+        self._rules.close()
+        self._started = False
+
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks.clear()
+        self._stop_watching()
 
     def status(self) -> dict[str, Any]:
         return {
