@@ -525,6 +525,8 @@ class Announcer:
         self.last_burst_done_at: float | None = None
         self.sent = {"garp": 0, "na": 0, "next_hop": 0}
         self.bursts = 0
+        self.max_slice_s = 0.0  # longest wall time one send slice held the event loop
+        self.max_slice_cpu_s = 0.0  # most CPU time one send slice used (not counting preemption)
         self._segments: list[tuple[str, list[bytes]]] = []
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -691,6 +693,7 @@ class Announcer:
                     continue
                 limit = min(n, i + allowed, i + SLICE_FRAMES)
                 slice_end = now + SLICE_S
+                cpu0 = time.thread_time()
                 full = False
                 while i < limit:
                     try:
@@ -712,6 +715,12 @@ class Announcer:
                     self.sent[key] += 1
                     if time.monotonic() >= slice_end:
                         break
+                held = time.monotonic() - now
+                cpu = time.thread_time() - cpu0
+                if held > self.max_slice_s:
+                    self.max_slice_s = held
+                if cpu > self.max_slice_cpu_s:
+                    self.max_slice_cpu_s = cpu
                 if full:
                     await asyncio.sleep(0.001)
                 else:
