@@ -287,9 +287,9 @@ class Cluster:
         self._extra.append(d)
         return d
 
-    def wait_converged(self, timeout: float) -> Daemon:
-        """Wait until exactly one daemon is MASTER and all others BACKUP (by status);
-        returns the master."""
+    def wait_converged(self, timeout: float, master: str | None = None) -> Daemon:
+        """Wait until exactly one daemon is MASTER (``master``, if given) and all others
+        BACKUP (by status); returns the master."""
         deadline = time.monotonic() + timeout
         states: dict[str, str | None] = {}
         while True:
@@ -300,7 +300,7 @@ class Cluster:
             states = {d.tag: (d.state() if d.running else "STOPPED") for d in self.daemons.values()}
             masters = [t for t, s in states.items() if s == "MASTER"]
             others_ok = all(s in ("BACKUP", "STOPPED") for t, s in states.items() if t not in masters)
-            if len(masters) == 1 and others_ok:
+            if len(masters) == 1 and others_ok and master in (None, masters[0]):
                 return self.daemons[masters[0]]
             if time.monotonic() > deadline:
                 raise topology.LabError(f"no single master within {timeout}s: {states}")

@@ -102,7 +102,7 @@ ANNOUNCE_ALLOWANCE_MS = 50.0
 
 @scenario("master-kill", "SIGKILL the master (a crash); the backup takes over")
 def master_kill(ctx: ScenarioContext) -> ScenarioResult:
-    master = ctx.cluster.wait_converged(timeout=10)
+    master = ctx.cluster.wait_converged(timeout=10, master=max(ctx.cluster, key=lambda d: d.settings.priority).tag)
     backup = next(d for d in ctx.cluster if d is not master and d.running)
     ctx.say(f"master: {master.tag} (priority {master.settings.priority}), backup: {backup.tag} "
             f"(priority {backup.settings.priority})")
