@@ -406,3 +406,9 @@ async def test_nft_refused_is_reported_not_raised(lab: Lab, dp_factory: Any) -> 
     assert st["delivery"] and st["reconcile"]["errors"] >= 1
     assert "nftables unusable" in st["reconcile"]["last_error"]
     assert "fwmark 0x1 lookup 100 proto 98" in lab.rules(4)  # the rest runs
+    # while nft keeps failing (retried with backoff), a deleted rule is still repaired at once
+    lab.run("ip", "rule", "del", "prio", "100", "fwmark", "1", "table", "100")
+    await wait_for(lambda: "fwmark 0x1 lookup 100 proto 98" in lab.rules(4), REPAIR_BOUND_S)
+    runs = dp.status()["reconcile"]["runs"]
+    await asyncio.sleep(0.5)  # failing retries back off: a handful of runs, not a busy loop
+    assert dp.status()["reconcile"]["runs"] - runs <= 5

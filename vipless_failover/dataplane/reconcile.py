@@ -84,7 +84,8 @@ class Dataplane:
         self._protocols = {cfg.delivery.protocol}
         self._tables = {cfg.delivery.table}
         self._lock: asyncio.Lock | None = None
-        self._trigger: asyncio.Event | None = None
+        self._trigger: asyncio.Event | None = None  # wakes the runner
+        self._notified = False  # netlink said something changed (vs. a wake to re-arm a retry)
         self._tasks: list[asyncio.Task[Any]] = []
         self._watch: list[socket.socket] = []
         self._started = False
@@ -216,7 +217,7 @@ class Dataplane:
                     self.log.error("reconcile_error", cause=cause, error=err,
                                    retry_in_s=round(self._retry_delay, 3))
                 if self._trigger is not None:
-                    self._trigger.set()  # wake the runner so it picks up the retry time
+                    self._trigger.set()  # wake the runner so it picks up the retry time (no pass)
                 return False
             if self._retry_at is not None and parts == ALL_PARTS:
                 self.log.info("reconcile_recovered", cause=cause)
@@ -316,10 +317,14 @@ class Dataplane:
                 if self._trigger.is_set():
                     await asyncio.sleep(DEBOUNCE_S)  # coalesce a burst of notifications
                     self._trigger.clear()
-                    if self._retry_at is not None and time.monotonic() < self._retry_at:
-                        continue  # a retry is scheduled; wait for it
-                    cause = "retry" if self._retry_at is not None else "notify"
-                    parts = ALL_PARTS if cause == "retry" else (PART_DELIVERY, PART_MARKS)
+                    if not self._notified:
+                        continue  # only re-arm: the next deadline may have changed
+                    self._notified = False
+                    cause, parts = "notify", (PART_DELIVERY, PART_MARKS)
+                    if self._retry_at is not None:
+                        # something is failing and will be retried in full; still repair
+                        # the delivery rules at once (cheap; keeps the 1 s repair bound)
+                        parts = (PART_DELIVERY,)
                 elif self._retry_at is not None and time.monotonic() >= self._retry_at:
                     cause, parts = "retry", ALL_PARTS
                 elif now >= next_periodic:
@@ -415,6 +420,7 @@ class Dataplane:
             self._kick()
 
     def _kick(self) -> None:
+        self._notified = True
         if self._trigger is not None:
             self._trigger.set()
 
