@@ -154,6 +154,10 @@ def test_third_node_with_wrong_key_never_influences_the_election(
     # ... and the real pair does not care
     _hold(pair, {"director-a": "MASTER", "director-b": "BACKUP"}, 2.0)
     _assert_unmoved(pair, before)
+    # not for want of hearing it: both counted its adverts as rejected
+    for d in pair:
+        st = d.status()
+        assert st is not None and sum(st["adverts"]["rejected"].values()) > 0, (d.tag, st["adverts"])
 
 
 def test_peer_restarted_with_wrong_key_never_influences_the_election(pair: Cluster) -> None:
@@ -170,6 +174,8 @@ def test_peer_restarted_with_wrong_key_never_influences_the_election(pair: Clust
         assert a.state() == "MASTER"
         time.sleep(0.2)
     assert _transitions_summary(a) == before_a
+    st = a.status()
+    assert st is not None and sum(st["adverts"]["rejected"].values()) > 0, st["adverts"]
 
 
 @pytest.mark.parametrize("power_off", [False, True], ids=["daemon-crash", "director-power-off"])
