@@ -28,9 +28,13 @@ from .dataplane.reconcile import Dataplane
 from .election import fsm
 from .election.protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
 from .election.transport import AdvertTransport
+from .hooks import NotifyHooks
 from .linkwatch import LinkWatch
 from .log import setup as setup_logging
+from .metrics import MetricsServer, build_registry
 from .nexthop import NextHopAddress
+from .systemd import Notifier, role_status
+from .tracking import Tracker
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 RESUME_FILE = "resume-{node}.json"
@@ -72,6 +76,16 @@ class Daemon:
         self.rejected: Counter[str] = Counter()
         self.started_wall = time.time()
         self.runtime_dir = cfg.control.socket.parent
+        # operations: notify hooks, tracking, metrics, systemd (see hooks/tracking/metrics/systemd.py)
+        self.hooks = NotifyHooks(cfg.notify, cfg.node.name, cfg.election.cluster_id, self.log)
+        self.tracker = Tracker(cfg.track, self._on_track_change, self.log, netns=netns)
+        self._track_faults: set[str] = set()  # fault items the election has been told about
+        self._track_priority = cfg.election.priority
+        self.registry, self.telemetry = build_registry(
+            self.status, split_brain_gap_s=3 * cfg.election.advert_interval_ms / 1000.0 + 1.0,
+            on_scrape=self._poll_telemetry)
+        self.metrics_server: MetricsServer | None = None
+        self.notifier = Notifier.from_env()
 
     # -- time -----------------------------------------------------------------
 
@@ -101,6 +115,12 @@ class Daemon:
             await self.control.start()
             self.links = LinkWatch(self.cfg.node.interface, self._on_link, self.log)
             up = await self.links.start()
+            await self.tracker.start()
+            self.hooks.start()
+            if self.cfg.metrics.listen:
+                self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port,
+                                                    self.registry, self.log)
+                await self.metrics_server.start()
         except (OSError, ControlError, config_mod.ConfigError, RuntimeError) as exc:
             self.log.error("startup_failed", error=str(exc))
             await self._shutdown_io(withdraw=not resume)
@@ -115,6 +135,9 @@ class Daemon:
         self.log.info("started", version=__version__, config=str(self.cfg.path), resume=resume,
                       priority=self.cfg.election.priority, interval_ms=self.cfg.election.advert_interval_ms,
                       transport=self.cfg.election.transport, ipvs_available=self.dataplane.ipvs_available)
+        # the first reconcile ran in dataplane.start(): tell systemd we are up
+        self.notifier.ready(self._systemd_status())
+        self.notifier.start_watchdog()
         await self.done.wait()
         worker.cancel()
         try:
@@ -130,6 +153,12 @@ class Daemon:
     async def _shutdown_io(self, withdraw: bool) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.notifier.close()
+        await self.tracker.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+        # the transitions of a graceful stop are reported too, within the hooks' timeout
+        await self.hooks.close(grace=self.cfg.notify.timeout_ms / 1000.0)
         if self.links is not None:
             self.links.close()
         if self.control is not None:
@@ -139,11 +168,17 @@ class Daemon:
         await self.announcer.close()
         if withdraw:
             if self.nexthop is not None:
-                await self.nexthop.remove()
+                try:
+                    await self.nexthop.remove()
+                except Exception as exc:  # noqa: BLE001 - the rest must still be withdrawn
+                    self.log.error("next_hop_error", error=str(exc))
             await self.dataplane.stop()
+        else:
+            await self.dataplane.close()  # restart in place: the next process adopts it all
 
     def _signal_stop(self, sig: int) -> None:
         self.log.info("signal", signal=signal.Signals(sig).name)
+        self.notifier.stopping("stopping: handing over")
         self.submit_command(fsm.Stop())
 
     async def reload(self) -> dict[str, Any]:
@@ -159,6 +194,12 @@ class Daemon:
             return {"ok": False, "error": msg}
         self.cfg = new
         await self.dataplane.reload(new)
+        await self.hooks.reconfigure(new.notify)
+        if new.track != self.tracker.cfg:
+            await self.tracker.close()
+            self.tracker = Tracker(new.track, self._on_track_change, self.log, netns=self.netns)
+            await self.tracker.start()
+            self._on_track_change()  # items no longer configured stop counting
         self.log.info("reloaded", config=str(new.path))
         return {"ok": True, "data": {"reloaded": str(new.path)}}
 
@@ -208,6 +249,27 @@ class Daemon:
     def submit_command(self, cmd: fsm.Command) -> None:
         self.queue.put_nowait(Input("command", cmd))
 
+    def _on_track_change(self) -> None:
+        """Tell the election what tracking now says: fault items and the effective priority."""
+        faults = self.tracker.faults()
+        for item in sorted(faults - self._track_faults):
+            self.submit_command(fsm.SetFault(item, True))
+        for item in sorted(self._track_faults - faults):
+            self.submit_command(fsm.SetFault(item, False))
+        self._track_faults = faults
+        prio = self.tracker.effective_priority(self.cfg.election.priority)
+        if prio != self._track_priority:
+            self._track_priority = prio
+            self.log.info("effective_priority", priority=prio, configured=self.cfg.election.priority)
+            self.submit_command(fsm.SetPriority(prio))
+
+    def _poll_telemetry(self) -> None:
+        self.telemetry.poll_announcement(self.announcer.first_sent_at)
+
+    def _systemd_status(self) -> str:
+        e = self.election
+        return role_status(e.state.name, e.p.priority, e.priority, e.master, sorted(e.faults))
+
     def _arm_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -233,6 +295,7 @@ class Daemon:
             await self._execute(actions)
             self._arm_timer()
             self._check_waiters()
+            self._poll_telemetry()
 
     # -- actions -----------------------------------------------------------------
 
@@ -245,6 +308,8 @@ class Daemon:
                     self._transition(old, new, reason)
                 case fsm.InstallDelivery():
                     await self.dataplane.set_delivery(True)
+                    self.telemetry.on_delivery_installed(time.monotonic(),
+                                                         announcing=self.cfg.announce.mode != "none")
                 case fsm.WithdrawDelivery():
                     await self.dataplane.set_delivery(False)
                 case fsm.StartAnnounce(reason=reason):
@@ -270,6 +335,8 @@ class Daemon:
                     self._fail_waiters(command, reason)
                 case fsm.Notice(kind=kind, peer=peer, detail=detail):
                     self.stats[f"notice_{kind}"] += 1
+                    if kind == "split_brain":
+                        self.telemetry.on_split_brain(time.monotonic())
                     level = "warning" if kind in ("split_brain", "config_mismatch") else "info"
                     getattr(self.log, level)(kind, peer=peer, detail=detail)
 
@@ -290,6 +357,9 @@ class Daemon:
         self.history.append(entry)
         self.log.info("transition", **{"from": old.name, "to": new.name}, reason=reason,
                       priority=self.election.priority, peer=self.election.master or "")
+        self.telemetry.on_transition(old.name, new.name, reason, time.monotonic())
+        self.hooks.transition(new.name, old.name, reason)
+        self.notifier.status(self._systemd_status())
 
     # -- control commands -----------------------------------------------------------
 
@@ -338,6 +408,17 @@ class Daemon:
             "ipvs_available": self.dataplane.ipvs_available,
             "announce": self.announcer.status(),
             "transport": self.transport.counters() if self.transport is not None else {},
+            "cluster_id": self.cfg.election.cluster_id,
+            "tracked": [{"name": f"link:{self.cfg.node.interface}", "kind": "interface",
+                         "state": {True: "ok", False: "failed", None: "unknown"}[
+                             self.links.up if self.links is not None else None],
+                         "weight": 0, "effect": "fault", "detail": "node interface", "results": {}},
+                        *self.tracker.status()],
+            "notify": self.hooks.status(),
+            "notices": {k[len("notice_"):]: v for k, v in self.stats.items() if k.startswith("notice_")},
+            "control": {"refused": self.control.refused if self.control is not None else 0},
+            "metrics": {"listen": self.cfg.metrics.listen,
+                        "scrapes": self.metrics_server.scrapes if self.metrics_server is not None else 0},
         })
         return st
 
