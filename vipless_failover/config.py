@@ -161,6 +161,44 @@ class DataplaneConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """Commands run on every transition (argv lists, never a shell), each given
+    NEW_STATE OLD_STATE REASON NODE as extra arguments and in its environment."""
+
+    commands: tuple[tuple[str, ...], ...] = ()
+    timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class TrackCheck:
+    """A check command run every interval; exit 0 = ok. ``weight`` 0 forces FAULT while
+    failed, otherwise the effective priority is lowered by ``weight``."""
+
+    name: str
+    command: tuple[str, ...]
+    interval_ms: int = 2000
+    timeout_ms: int = 1000
+    rise: int = 1
+    fall: int = 1
+    weight: int = 0
+
+
+@dataclass(frozen=True)
+class TrackInterface:
+    """An extra interface whose link state is tracked (netlink events); ``weight`` as
+    for checks. The node's own interface is always tracked and forces FAULT."""
+
+    name: str
+    weight: int = 0
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    checks: tuple[TrackCheck, ...] = ()
+    interfaces: tuple[TrackInterface, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     node: NodeConfig
@@ -173,6 +211,8 @@ class Config:
     announce: AnnounceConfig
     dataplane: DataplaneConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def shared_digest(self) -> bytes:
         """SHA-256 over the part of the config that must agree across the cluster.
@@ -532,6 +572,58 @@ def _dataplane(t: _Table) -> DataplaneConfig:
     return DataplaneConfig(remove_on_stop=remove, reconcile_interval_s=interval)
 
 
+def _argv(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, f"must be a non-empty array of strings (argv, no shell), got {_typename(value)}")
+    for i, arg in enumerate(value):
+        if not isinstance(arg, str):
+            raise ConfigError(f"{key}[{i}]", f"must be a string, got {_typename(arg)}")
+    if not os.path.isabs(value[0]):
+        raise ConfigError(f"{key}[0]", f"must be an absolute path to the program, got {value[0]!r}")
+    return tuple(value)
+
+
+def _notify(t: _Table) -> NotifyConfig:
+    commands = _items(t.key("commands"), t.list("commands"), _argv)
+    timeout = t.int("timeout_ms", default=5000, lo=10, hi=600_000)
+    t.done()
+    return NotifyConfig(commands=commands, timeout_ms=timeout)
+
+
+def _track(t: _Table, node: NodeConfig) -> TrackConfig:
+    checks: list[TrackCheck] = []
+    names: set[str] = set()
+    for ct in t.tables("check"):
+        name = ct.str("name", required=True, pattern=NAME_RE)
+        if name in names:
+            raise ConfigError(ct.key("name"), f"duplicate check name {name!r}")
+        names.add(name)
+        command = _argv(ct.key("command"), ct._take("command", None, True))
+        interval = ct.int("interval_ms", default=2000, lo=10, hi=3_600_000)
+        timeout = ct.int("timeout_ms", default=min(1000, interval), lo=10, hi=600_000)
+        if timeout > interval:
+            raise ConfigError(ct.key("timeout_ms"), f"must be <= interval_ms ({interval}), got {timeout}")
+        rise = ct.int("rise", default=1, lo=1, hi=100)
+        fall = ct.int("fall", default=1, lo=1, hi=100)
+        weight = ct.int("weight", default=0, lo=0, hi=253)
+        ct.done()
+        checks.append(TrackCheck(name=name, command=command, interval_ms=interval, timeout_ms=timeout,
+                                 rise=rise, fall=fall, weight=weight))
+    interfaces: list[TrackInterface] = []
+    ifnames: set[str] = {node.interface}
+    for it in t.tables("interface"):
+        name = it.str("name", required=True, pattern=IFNAME_RE)
+        if name in ifnames:
+            raise ConfigError(it.key("name"), f"interface {name!r} is already tracked"
+                              + (" (node.interface always is)" if name == node.interface else ""))
+        ifnames.add(name)
+        weight = it.int("weight", default=0, lo=0, hi=253)
+        it.done()
+        interfaces.append(TrackInterface(name=name, weight=weight))
+    t.done()
+    return TrackConfig(checks=tuple(checks), interfaces=tuple(interfaces))
+
+
 def parse(data: dict[str, Any], path: Path | str = "<config>") -> Config:
     """Validate a decoded TOML document. Raises ConfigError (with file name)."""
     path = Path(path)
@@ -546,12 +638,14 @@ def parse(data: dict[str, Any], path: Path | str = "<config>") -> Config:
         ipvs = _ipvs(top.table("ipvs"))
         announce = _announce(top.table("announce"), node)
         dataplane = _dataplane(top.table("dataplane"))
+        notify = _notify(top.table("notify"))
+        track = _track(top.table("track"), node)
         top.done()
     except ConfigError as exc:
         raise exc.with_file(path) from None
     return Config(path=path, node=node, election=election, control=control, metrics=metrics,
                   delivery=delivery, marks=marks, ipvs=ipvs, announce=announce, dataplane=dataplane,
-                  raw=data)
+                  raw=data, notify=notify, track=track)
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -1,0 +1,322 @@
+"""Prometheus metrics: a dedicated registry, read at scrape time.
+
+Most values are read from the daemon's own state when Prometheus scrapes
+(:class:`DaemonCollector` turns ``Daemon.status()`` into metric families), so there
+is no second set of counters to keep in step. What the state does not keep is
+counted here by :class:`Telemetry`: transitions by from/to/reason, split-brain
+episodes, and the takeover duration histogram (decision -> delivery rules
+installed -> first announcement frame sent).
+
+The HTTP listener (:class:`MetricsServer`, ``[metrics] listen``) runs on the daemon's
+event loop, so a scrape sees one consistent snapshot and never races the election
+task; it answers ``GET /metrics`` only (``/`` links to it).
+
+Names follow Prometheus conventions: ``vipless_failover_`` prefix, ``_total``
+counters, seconds, and the state as one gauge per state
+(``vipless_failover_state{state="MASTER"} 1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+PREFIX = "vipless_failover"
+STATES = ("INIT", "BACKUP", "MASTER", "FAULT")
+REJECT_REASONS = ("malformed", "version", "auth", "replay", "cluster", "config_digest_mismatch")
+ANNOUNCE_MODES = ("garp", "na", "next_hop")
+TRACK_STATES = ("ok", "failed", "unknown")
+NOTIFY_RESULTS = ("ok", "failed", "timeout", "error", "dropped")
+NOTICE_KINDS = ("split_brain", "config_mismatch", "master_down", "takeover_request", "handover",
+                "drain_done", "peer_restarting")
+TAKEOVER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+def reason_kind(reason: str) -> str:
+    """``handover:director-b`` -> ``handover``: labels stay few (the log has the rest)."""
+    return reason.split(":", 1)[0] or "unknown"
+
+
+class Telemetry:
+    """Counts what the daemon's state does not keep. ``now`` is time.monotonic()."""
+
+    def __init__(self, registry: CollectorRegistry, split_brain_gap_s: float = 1.0):
+        self.transitions: Counter[tuple[str, str, str]] = Counter()
+        self.last_transition_at: float | None = None  # unix time
+        self.split_brain_episodes = 0
+        self.split_brain_gap_s = split_brain_gap_s
+        self._last_split_brain: float | None = None
+        self._takeover_at: float | None = None  # decision time of the takeover in progress
+        self._awaiting_announce = False
+        self.takeover = Histogram(
+            f"{PREFIX}_takeover_duration_seconds",
+            "Time from the decision to become master to: the delivery rules installed "
+            "(stage=delivery), the first announcement frame sent (stage=announcement).",
+            ["stage"], buckets=TAKEOVER_BUCKETS, registry=registry)
+        # show both series from the start (a scrape before any takeover still lists them)
+        for stage in ("delivery", "announcement"):
+            self.takeover.labels(stage)
+
+    def on_transition(self, old: str, new: str, reason: str, now: float) -> None:
+        self.transitions[(old, new, reason_kind(reason))] += 1
+        self.last_transition_at = time.time()
+        if new == "MASTER":
+            self._takeover_at = now
+            self._awaiting_announce = False
+        else:
+            self._takeover_at = None
+            self._awaiting_announce = False
+
+    def on_delivery_installed(self, now: float, announcing: bool) -> None:
+        """Called after InstallDelivery completed (on a takeover: observe)."""
+        if self._takeover_at is None or self._awaiting_announce:
+            return
+        self.takeover.labels("delivery").observe(max(0.0, now - self._takeover_at))
+        self._awaiting_announce = announcing
+        if not announcing:
+            self._takeover_at = None
+
+    def poll_announcement(self, first_sent_at: float | None) -> None:
+        """Observe the announcement stage once the announcer has sent its first frame."""
+        if not self._awaiting_announce or self._takeover_at is None or first_sent_at is None:
+            return
+        if first_sent_at >= self._takeover_at:
+            self.takeover.labels("announcement").observe(first_sent_at - self._takeover_at)
+        self._awaiting_announce = False
+        self._takeover_at = None
+
+    def on_split_brain(self, now: float) -> None:
+        """One episode per run of split-brain notices less than the gap apart."""
+        last, self._last_split_brain = self._last_split_brain, now
+        if last is None or now - last > self.split_brain_gap_s:
+            self.split_brain_episodes += 1
+
+
+def _g(name: str, doc: str, value: float | None = None, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    if value is not None:
+        return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+
+def _c(name: str, doc: str, value: float | None = None, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    if value is not None:
+        return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels))
+
+
+class DaemonCollector(Collector):
+    """Metric families from ``status()`` (the daemon's status dict) and ``telemetry``."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], telemetry: Telemetry,
+                 on_scrape: Callable[[], None] | None = None):
+        self._status = status
+        self.telemetry = telemetry
+        self._on_scrape = on_scrape
+
+    def describe(self) -> list[Any]:
+        return []  # families vary with peers and tracked items: no fixed description
+
+    def collect(self) -> Iterable[Any]:
+        if self._on_scrape is not None:
+            self._on_scrape()
+        st = self._status()
+        tel = self.telemetry
+
+        info = _g("info", "Version and identity of this node (always 1).",
+                  labels=["version", "node", "cluster_id"])
+        info.add_metric([str(st.get("version", "")), str(st.get("node", "")), str(st.get("cluster_id", ""))], 1)
+        yield info
+
+        state = _g("state", "1 for the current election state, 0 for the others.", labels=["state"])
+        for s in STATES:
+            state.add_metric([s], 1.0 if st.get("state") == s else 0.0)
+        yield state
+        yield _g("priority", "Configured election priority.", st.get("priority", 0))
+        yield _g("effective_priority", "Priority advertised now (configured minus failed tracking weights).",
+                 st.get("effective_priority", 0))
+        yield _g("maintenance", "1 while maintenance mode keeps this node backup.", float(bool(st.get("maintenance"))))
+        yield _g("draining", "1 while an old master still delivers during a hand-over drain.",
+                 float(bool(st.get("draining"))))
+        yield _g("faults", "Tracked items forcing FAULT now.", len(st.get("faults") or []))
+
+        tr = _c("transitions", "State transitions by old state, new state and reason.",
+                labels=["from", "to", "reason"])
+        for (old, new, reason), n in sorted(tel.transitions.items()):
+            tr.add_metric([old, new, reason], n)
+        yield tr
+        yield _g("last_transition_timestamp_seconds", "Unix time of the last state transition (0: none yet).",
+                 tel.last_transition_at or 0.0)
+
+        adv = st.get("adverts") or {}
+        yield _c("adverts_sent", "Adverts sent.", adv.get("sent", 0))
+        yield _c("adverts_received", "Datagrams received on the election transport.", adv.get("received", 0))
+        rej = _c("adverts_rejected", "Adverts dropped (or, for config_digest_mismatch, reported) by reason.",
+                 labels=["reason"])
+        rejected = dict.fromkeys(REJECT_REASONS, 0)
+        rejected.update(adv.get("rejected") or {})
+        for reason, n in sorted(rejected.items()):
+            rej.add_metric([reason], n)
+        yield rej
+
+        notices = st.get("notices") or {}
+        yield _c("master_down_expiries", "Master-down timer expiries (this node took over).",
+                 notices.get("master_down", 0))
+        yield _c("split_brain_episodes", "Episodes of two masters seen at once.", tel.split_brain_episodes)
+        nf = _c("notices", "Election notices by kind.", labels=["kind"])
+        kinds = dict.fromkeys(NOTICE_KINDS, 0)
+        kinds.update(notices)
+        for kind, n in sorted(kinds.items()):
+            nf.add_metric([kind], n)
+        yield nf
+
+        ann = st.get("announce") or {}
+        af = _c("announcements_sent", "Announcement frames sent by mode (garp, na, next_hop).", labels=["mode"])
+        sent = dict.fromkeys(ANNOUNCE_MODES, 0)
+        sent.update(ann.get("announcements_sent") or {})
+        for mode, n in sorted(sent.items()):
+            af.add_metric([mode], n)
+        yield af
+        yield _c("announce_bursts", "Announcement bursts started.", ann.get("bursts", 0))
+        yield _g("announcing", "1 while this node announces the VIPs.", float(bool(ann.get("announcing"))))
+
+        dp = st.get("dataplane") or {}
+        rec = dp.get("reconcile") or {}
+        yield _c("reconcile_runs", "Reconcile passes.", rec.get("runs", 0))
+        yield _c("reconcile_operations", "Kernel operations applied by reconciles.", rec.get("operations", 0))
+        yield _c("reconcile_errors", "Reconcile errors.", rec.get("errors", 0))
+        yield _c("drift_repairs", "Reconciles that repaired a change made by someone else.",
+                 rec.get("drift_repairs", 0))
+        yield _g("delivery_installed", "1 while the delivery rules are installed.", float(bool(dp.get("delivery"))))
+        yield _g("ipvs_available", "1 if the kernel has IPVS.", float(bool(st.get("ipvs_available"))))
+        objs = dp.get("objects") or {}
+        ko = _g("kernel_objects", "Kernel objects installed by this daemon, by kind.", labels=["kind"])
+        for kind, n in sorted(objs.items()):
+            ko.add_metric([kind], n)
+        yield ko
+        yield _g("ipvs_services", "IPVS virtual services installed.", objs.get("ipvs_services", 0))
+        yield _g("ipvs_real_servers", "IPVS real servers installed.", objs.get("ipvs_reals", 0))
+
+        peers = st.get("peers") or []
+        yield _g("peers", "Peers heard since start.", len(peers))
+        age = _g("peer_last_seen_age_seconds", "Seconds since the last advert of each peer.", labels=["peer"])
+        prio = _g("peer_priority", "Last advertised priority of each peer.", labels=["peer"])
+        for p in peers:
+            age.add_metric([p["node"]], p.get("last_seen_s", 0.0))
+            prio.add_metric([p["node"]], p.get("priority", 0))
+        yield age
+        yield prio
+
+        tracked = st.get("tracked") or []
+        ts = _g("tracked_item_state", "1 for the current state (ok, failed, unknown) of each tracked item.",
+                labels=["item", "kind", "state"])
+        tw = _g("tracked_item_weight", "Priority lowered while the item fails (0: it forces FAULT).",
+                labels=["item"])
+        runs = _c("track_results", "Results of tracked items (check commands: ok, failed, timeout, error).",
+                  labels=["item", "result"])
+        for it in tracked:
+            for s in TRACK_STATES:
+                ts.add_metric([it["name"], it["kind"], s], 1.0 if it["state"] == s else 0.0)
+            tw.add_metric([it["name"]], it.get("weight", 0))
+            for result, n in sorted((it.get("results") or {}).items()):
+                runs.add_metric([it["name"], result], n)
+        yield ts
+        yield tw
+        yield runs
+
+        notify = st.get("notify") or {}
+        nr = _c("notify_runs", "Notify command runs by result (ok, failed, timeout, error, dropped).",
+                labels=["result"])
+        results = dict.fromkeys(NOTIFY_RESULTS, 0)
+        results.update(notify.get("results") or {})
+        for result, n in sorted(results.items()):
+            nr.add_metric([result], n)
+        yield nr
+
+        control = st.get("control") or {}
+        yield _c("control_refused", "Control requests refused (not allowed for the caller).",
+                 control.get("refused", 0))
+
+
+def build_registry(status: Callable[[], dict[str, Any]], split_brain_gap_s: float = 1.0,
+                   on_scrape: Callable[[], None] | None = None) -> tuple[CollectorRegistry, Telemetry]:
+    registry = CollectorRegistry(auto_describe=False)
+    telemetry = Telemetry(registry, split_brain_gap_s)
+    registry.register(DaemonCollector(status, telemetry, on_scrape))
+    ProcessCollector(namespace=PREFIX, registry=registry)
+    return registry, telemetry
+
+
+class MetricsServer:
+    """A minimal HTTP/1.1 listener on the daemon's loop serving ``GET /metrics``."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, log: Any):
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.log = log
+        self.scrapes = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._client, self.host, self.port, reuse_address=True)
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        try:
+            if len(head) > MAX_REQUEST_HEAD:
+                await self._send(writer, 431, b"request head too large\n", "text/plain")
+                return
+            parts = head.split(b"\r\n", 1)[0].split()
+            method, target = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"")
+            path = target.split(b"?", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                await self._send(writer, 405, b"method not allowed\n", "text/plain", head_only=False)
+            elif path == b"/metrics":
+                self.scrapes += 1
+                body = generate_latest(self.registry)
+                await self._send(writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == b"HEAD")
+            elif path == b"/":
+                await self._send(writer, 200, b'<html><body><a href="/metrics">metrics</a></body></html>\n',
+                                 "text/html", head_only=method == b"HEAD")
+            else:
+                await self._send(writer, 404, b"not found\n", "text/plain", head_only=method == b"HEAD")
+        except ConnectionError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a scrape must never hurt the daemon
+            self.log.error("metrics_error", error=str(exc))
+            try:
+                await self._send(writer, 500, b"internal error\n", "text/plain")
+            except ConnectionError:
+                pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, code: int, body: bytes, ctype: str, head_only: bool = False) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+                  500: "Internal Server Error"}[code]
+        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode()
+        writer.write(head if head_only else head + body)
+        await writer.drain()
