@@ -218,6 +218,7 @@ class Lab:
         self.hosts: dict[str, Host] = {}
         self.processes: list[Spawned] = []
         self._built = False
+        self._owns_state = False  # set once up() wrote the state file (never remove another's)
 
     # -- names ------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -276,6 +277,7 @@ class Lab:
         self.state.info = {"directors": list(self.director_names), "announce_mode": self.announce_mode,
                            "responder_port": self.responder_port}
         self._save_state()
+        self._owns_state = True
         self._build()
         self._built = True
         if self.start_responders:
@@ -285,6 +287,8 @@ class Lab:
 
     def down(self) -> None:
         """Stop every process the lab started, delete its namespaces, workdir and state file."""
+        if not self._owns_state:
+            return
         for p in reversed(self.processes):
             stop_process(p.pid, p.starttime)
             try:

@@ -197,3 +197,12 @@ def test_prober_refuses_unbounded_runs() -> None:
         prober.Prober(["198.51.100.10"], 7, 10, prober.MAX_COUNT + 1, 1, 100)
     with pytest.raises(ValueError):
         prober.Prober(["198.51.100.10"], 7, 10, 10, prober.MAX_DURATION_S + 1, 100)
+
+
+@pytest.mark.lab
+def test_a_second_lab_with_a_taken_name_refuses_and_leaves_the_first_intact(lab: Lab) -> None:
+    with pytest.raises(topology.LabError, match="exists"):
+        with Lab(lab.name):
+            pass
+    assert topology.state_path(lab.name).exists()
+    assert all(ns in _netns_names() for ns in lab.state.namespaces)
