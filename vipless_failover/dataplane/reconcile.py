@@ -83,7 +83,8 @@ class Dataplane:
         self.ipvs_available = False
         self._protocols = {cfg.delivery.protocol}
         self._tables = {cfg.delivery.table}
-        self._lock: asyncio.Lock | None = None
+        self._lock: asyncio.Lock | None = None  # marks + IPVS passes
+        self._delivery_lock: asyncio.Lock | None = None  # rules + routes pass
         self._trigger: asyncio.Event | None = None  # wakes the runner
         self._notified = False  # netlink said something changed (vs. a wake to re-arm a retry)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -105,6 +106,7 @@ class Dataplane:
     async def start(self) -> None:
         """Open netlink, adopt, clean our leftovers, install warm state; start watching."""
         self._lock = asyncio.Lock()
+        self._delivery_lock = asyncio.Lock()
         self._trigger = asyncio.Event()
         await self._rules.open()
         self._started = True
@@ -192,37 +194,40 @@ class Dataplane:
 
     async def _reconcile(self, cause: str, parts: tuple[str, ...]) -> bool:
         """One pass over ``parts``. Returns True when everything converged."""
-        assert self._lock is not None
-        async with self._lock:
-            self._runs += 1
-            want = self.desired()
-            errors: list[str] = []
-            applied = 0
-            if PART_DELIVERY in parts:
-                applied += await self._delivery_pass(want, errors)
-            if PART_MARKS in parts:
-                applied += await self._marks_pass(want, errors)
-            if PART_IPVS in parts and self.ipvs_available:
-                applied += await self._ipvs_pass(errors)
-            self._operations += applied
-            if applied and cause in DRIFT_CAUSES:
-                self._drift_repairs += 1
-                self.log.warning("drift_repaired", cause=cause, operations=applied)
-            if errors:
-                self._errors += len(errors)
-                self._last_error = errors[-1]
-                self._retry_delay = min(RETRY_MAX_S, max(RETRY_MIN_S, self._retry_delay * 2))
-                self._retry_at = time.monotonic() + self._retry_delay
-                for err in errors:
-                    self.log.error("reconcile_error", cause=cause, error=err,
-                                   retry_in_s=round(self._retry_delay, 3))
-                if self._trigger is not None:
-                    self._trigger.set()  # wake the runner so it picks up the retry time (no pass)
-                return False
-            if self._retry_at is not None and parts == ALL_PARTS:
-                self.log.info("reconcile_recovered", cause=cause)
-                self._retry_at, self._retry_delay, self._last_error = None, 0.0, None
-            return True
+        assert self._lock is not None and self._delivery_lock is not None
+        self._runs += 1
+        errors: list[str] = []
+        applied = 0
+        # Delivery has its own lock: a takeover never waits behind a long nft or
+        # IPVS pass (thousands of services); the objects they touch are disjoint.
+        if PART_DELIVERY in parts:
+            async with self._delivery_lock:
+                applied += await self._delivery_pass(self.desired(), errors)
+        if PART_MARKS in parts or (PART_IPVS in parts and self.ipvs_available):
+            async with self._lock:
+                if PART_MARKS in parts:
+                    applied += await self._marks_pass(self.desired(), errors)
+                if PART_IPVS in parts and self.ipvs_available:
+                    applied += await self._ipvs_pass(errors)
+        self._operations += applied
+        if applied and cause in DRIFT_CAUSES:
+            self._drift_repairs += 1
+            self.log.warning("drift_repaired", cause=cause, operations=applied)
+        if errors:
+            self._errors += len(errors)
+            self._last_error = errors[-1]
+            self._retry_delay = min(RETRY_MAX_S, max(RETRY_MIN_S, self._retry_delay * 2))
+            self._retry_at = time.monotonic() + self._retry_delay
+            for err in errors:
+                self.log.error("reconcile_error", cause=cause, error=err,
+                               retry_in_s=round(self._retry_delay, 3))
+            if self._trigger is not None:
+                self._trigger.set()  # wake the runner so it picks up the retry time (no pass)
+            return False
+        if self._retry_at is not None and parts == ALL_PARTS:
+            self.log.info("reconcile_recovered", cause=cause)
+            self._retry_at, self._retry_delay, self._last_error = None, 0.0, None
+        return True
 
     async def _delivery_pass(self, want: d.DesiredState, errors: list[str]) -> int:
         try:
