@@ -395,6 +395,10 @@ class NeighbourResponder:
         fprog = struct.pack("HL", n, ctypes.addressof(buf))
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
         self._fbuf = buf  # keep alive while attaching (the kernel copies it)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a router re-resolving many VIPs
+        except OSError:  # pragma: no cover
+            pass
         self._sock = sock
         self._drain()
 
