@@ -175,6 +175,8 @@ class Daemon:
             await self.dataplane.stop()
         else:
             await self.dataplane.close()  # restart in place: the next process adopts it all
+        if self.nexthop is not None:
+            self.nexthop.close()
 
     def _signal_stop(self, sig: int) -> None:
         self.log.info("signal", signal=signal.Signals(sig).name)

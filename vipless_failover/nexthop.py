@@ -53,6 +53,8 @@ class NextHopAddress:
         label = self.ifname + LABEL_SUFFIX
         self.label = label if nh.version == 4 and len(label) <= 15 else None
         self.use_proto: bool | None = None  # learned on first add/lookup
+        self._aipr: Any = None  # AsyncIPRoute, opened on first use
+        self._index = 0
 
     # -- netlink (blocking; run in a worker thread, see announce.blocking) -----------
 
@@ -95,19 +97,39 @@ class NextHopAddress:
         """Whether our next-hop address is on the interface now (a netlink dump)."""
         return blocking(self._with_ipr, self._present)
 
-    async def add(self) -> None:
-        """Hold the address (idempotent). Raises NextHopConflict if someone else holds it."""
-        added = await asyncio.to_thread(self._with_ipr, self._add)
-        if added:
-            self.log.info("nexthop.added", address=str(self.interface), interface=self.ifname,
-                          tagged="proto" if self.use_proto else "label")
+    # -- async path (the daemon): one netlink socket kept open ------------------------
 
-    def _add(self, ipr: Any) -> bool:
-        index, found = self._find(ipr)
-        if found:
-            if any(self._ours(m) for m in found):
-                return False
-            raise NextHopConflict(f"{self.interface.ip} is on {self.ifname} but was not added by us")
+    async def _async_ipr(self) -> tuple[Any, int]:
+        if self._aipr is None:
+            from pyroute2 import AsyncIPRoute
+            ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
+            try:
+                idx = await ipr.link_lookup(ifname=self.ifname)
+            except Exception:
+                ipr.close()
+                raise
+            if not idx:
+                ipr.close()
+                raise OSError(errno.ENODEV, f"no such interface {self.ifname!r}")
+            self._aipr, self._index = ipr, idx[0]
+        return self._aipr, self._index
+
+    async def _async_find(self) -> list[Any]:
+        ipr, index = await self._async_ipr()
+        family = socket.AF_INET if self.interface.version == 4 else socket.AF_INET6
+        found = []
+        async for msg in await ipr.addr("dump", index=index, family=family):
+            addr = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            if addr is not None and ipaddress.ip_address(addr) == self.interface.ip:
+                found.append(msg)
+        return found
+
+    async def add(self) -> None:
+        """Hold the address (idempotent). Raises NextHopConflict if someone else holds it.
+
+        A takeover costs one netlink request on a socket opened once; the address is
+        looked up only when the kernel says it exists already."""
+        ipr, index = await self._async_ipr()
         kwargs: dict[str, Any] = {"index": index, "address": str(self.interface.ip),
                                   "prefixlen": self.interface.network.prefixlen}
         if self.interface.version == 4:
@@ -117,43 +139,51 @@ class NextHopAddress:
                 kwargs["label"] = self.label
         else:
             kwargs["flags"] = IFA_F_NODAD
-        if self.use_proto is not False:
-            try:
-                ipr.addr("add", proto=self.protocol, **kwargs)
-                self.use_proto = True
-            except Exception as exc:  # old kernel rejecting IFA_PROTO
-                if getattr(exc, "code", None) not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                self.use_proto = False
-        if self.use_proto is False:
-            ipr.addr("add", **kwargs)
-        return True
+        try:
+            if self.use_proto is not False:
+                try:
+                    await ipr.addr("add", proto=self.protocol, **kwargs)
+                    self.use_proto = True
+                except Exception as exc:  # a kernel without IFA_PROTO rejects it
+                    if getattr(exc, "code", None) not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.use_proto = False
+            if self.use_proto is False:
+                await ipr.addr("add", **kwargs)
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise
+            if any(self._ours(m) for m in await self._async_find()):
+                return  # already ours: nothing to do
+            raise NextHopConflict(f"{self.interface.ip} is on {self.ifname} but was not added by us") from None
+        self.log.info("nexthop.added", address=str(self.interface), interface=self.ifname,
+                      tagged="proto" if self.use_proto else "label")
 
     async def remove(self) -> None:
         """Give the address up (idempotent; never removes an address that is not ours)."""
-        removed, foreign = await asyncio.to_thread(self._with_ipr, self._remove)
-        if foreign:
-            self.log.warning("nexthop.not_ours", address=str(self.interface.ip), interface=self.ifname)
-        if removed:
-            self.log.info("nexthop.removed", address=str(self.interface), interface=self.ifname)
-
-    def _remove(self, ipr: Any) -> tuple[bool, bool]:
         try:
-            index, found = self._find(ipr)
+            found = await self._async_find()
         except OSError:
-            return False, False  # interface gone: so is the address
+            return  # interface gone: so is the address
+        ipr, index = await self._async_ipr()
         removed = foreign = False
         for msg in found:
             if not self._ours(msg):
                 foreign = True
                 continue
             try:
-                ipr.addr("del", index=index, address=str(self.interface.ip), prefixlen=msg["prefixlen"])
+                await ipr.addr("del", index=index, address=str(self.interface.ip), prefixlen=msg["prefixlen"])
                 removed = True
             except Exception as exc:
                 if getattr(exc, "code", None) != errno.EADDRNOTAVAIL:
                     raise
-        return removed, foreign
+        if foreign:
+            self.log.warning("nexthop.not_ours", address=str(self.interface.ip), interface=self.ifname)
+        if removed:
+            self.log.info("nexthop.removed", address=str(self.interface), interface=self.ifname)
 
     def close(self) -> None:
-        """Nothing is held open (each operation opens its own netlink socket)."""
+        """Close the netlink socket (the address stays as it is)."""
+        if self._aipr is not None:
+            self._aipr.close()
+            self._aipr = None
