@@ -106,6 +106,12 @@ def format_status(st: dict[str, Any]) -> str:
                      f"{p['last_seen_s']:>8.3f}s  {'same' if p['config_match'] else 'DIFFERS'}")
     if not peers:
         lines.append("(no peer heard)")
+    tracked = st.get("tracked") or []
+    if tracked:
+        lines.append("")
+        lines.append("TRACKED                    STATE    EFFECT        DETAIL")
+        for t in tracked:
+            lines.append(f"{t['name']:<26} {t['state']:<8} {t.get('effect', ''):<13} {t.get('detail', '')}".rstrip())
     hist = st.get("transitions") or []
     if hist:
         lines.append("")

@@ -25,7 +25,10 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
+
+#: the classic text format: every Prometheus 2.x understands it (our names need no escaping)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 from prometheus_client.registry import Collector
 
 PREFIX = "vipless_failover"
@@ -295,7 +298,7 @@ class MetricsServer:
             elif path == b"/metrics":
                 self.scrapes += 1
                 body = generate_latest(self.registry)
-                await self._send(writer, 200, body, CONTENT_TYPE_LATEST, head_only=method == b"HEAD")
+                await self._send(writer, 200, body, CONTENT_TYPE, head_only=method == b"HEAD")
             elif path == b"/":
                 await self._send(writer, 200, b'<html><body><a href="/metrics">metrics</a></body></html>\n',
                                  "text/html", head_only=method == b"HEAD")
