@@ -37,6 +37,7 @@ from .systemd import Notifier, role_status
 from .tracking import Tracker
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 RESUME_FILE = "resume-{node}.json"
 
 
@@ -158,7 +159,8 @@ class Daemon:
         if self.metrics_server is not None:
             await self.metrics_server.close()
         # the transitions of a graceful stop are reported too, within the hooks' timeout
-        await self.hooks.close(grace=self.cfg.notify.timeout_ms / 1000.0)
+        # but never holding the exit longer than SHUTDOWN_HOOK_GRACE_S
+        await self.hooks.close(grace=min(self.cfg.notify.timeout_ms / 1000.0, SHUTDOWN_HOOK_GRACE_S))
         if self.links is not None:
             self.links.close()
         if self.control is not None:
@@ -373,7 +375,8 @@ class Daemon:
             st = self.election.state
             if what == "promote" and st is State.MASTER:
                 fut.set_result({"ok": True, "data": {"state": st.name}})
-            elif what == "demote" and st is not State.MASTER and self.election.master not in (None, self.cfg.node.name):
+            elif what in ("demote", "maintenance") and st is not State.MASTER \
+                    and self.election.master not in (None, self.cfg.node.name):
                 fut.set_result({"ok": True, "data": {"state": st.name, "master": self.election.master}})
             else:
                 keep.append((what, fut))

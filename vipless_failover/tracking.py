@@ -206,6 +206,8 @@ class Tracker:
     def _link_event(self, name: str, up: bool, detail: str = "") -> None:
         item = self._ifaces[name]
         if item.state != UNKNOWN and (item.state == OK) == up:
+            if detail:
+                item.detail = detail  # e.g. down, then removed
             return
         self._set(item, up, detail or ("up" if up else "down"))
 
