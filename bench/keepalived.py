@@ -129,7 +129,8 @@ class Keepalived:
     def start(self) -> float:
         if self.running:
             raise topology.LabError(f"{self.tag} already running")
-        args = ["ip", "netns", "exec", self.lab.ns(self.director), KEEPALIVED, "-P", "-R", "-n", "-l", "-D",
+        args = ["ip", "netns", "exec", self.lab.ns(self.director), "stdbuf", "-oL", "-eL", KEEPALIVED,
+                "-P", "-R", "-n", "-l",
                 "-G", "-f", str(self.conf), "-p", str(self.pidfile), "-r", str(self.vrrp_pidfile)]
         for f in (self.pidfile, self.vrrp_pidfile):
             f.unlink(missing_ok=True)

@@ -1,0 +1,776 @@
+"""The bench's trials: one function per figure of issue 7, ours and keepalived alike.
+
+Every trial runs in a namespace lab of :mod:`netnslab` (client -- router -- LAN bridge --
+director-a / director-b, each director with the transparent responder) and returns a
+:class:`Trial`: the measured value, or ``None`` with ``bound_hit`` when its time bound
+was reached, plus details. The driver (:mod:`bench.__main__`) interleaves the daemons
+trial by trial (ours, keepalived, ours, keepalived ...).
+
+A crash is modelled alike for both daemons: ``kill -9`` of the master's processes plus
+the master's LAN link down (its bridge port set down: the cable pulled), because a
+SIGKILLed keepalived leaves its addresses and a SIGKILLed vipless-failoverd leaves its
+delivery rules, and in both cases the dead master's kernel would keep answering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from netnslab import prober, topology
+from netnslab.configgen import NodeSettings
+from netnslab.daemons import Cluster, event_time
+from netnslab.scenarios import _wait_started
+
+from vipless_failover.announce import in_netns
+
+from .keepalived import KaSettings, Keepalived
+
+A, B = "director-a", "director-b"
+PRIO = {A: 150, B: 100}
+PROBE_MS = 5.0
+DAEMONS = ("ours", "keepalived")
+TABLE = 100
+
+
+@dataclass
+class Trial:
+    figure: str
+    variant: str
+    daemon: str
+    index: int
+    value_ms: float | None  # None: not measured (bound hit or failure; see note)
+    bound_hit: bool = False
+    note: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"figure": self.figure, "variant": self.variant, "daemon": self.daemon, "index": self.index,
+                "value_ms": self.value_ms, "bound_hit": self.bound_hit, "note": self.note,
+                "details": self.details}
+
+
+# ---------------------------------------------------------------------------
+# the two daemons behind one interface
+
+
+def vip_set(n: int) -> list[str]:
+    """``n`` VIPs: IPv4 from 198.51.100.0/24 up to 256, else IPv6 from 2001:db8:100::1:0 on."""
+    if n <= 1:
+        return ["198.51.100.10"]
+    if n <= 256:
+        return [str(ipaddress.ip_address("198.51.100.0") + i) for i in range(n)]
+    base = ipaddress.ip_address("2001:db8:100::1:0")
+    return [str(base + i) for i in range(n)]
+
+
+def vip_config(n: int) -> list[str]:
+    """The same VIPs as prefixes (our config takes prefixes; power-of-two sizes)."""
+    if n <= 1:
+        return ["198.51.100.10"]
+    bits = (n - 1).bit_length()
+    assert 1 << bits == n, "sizes must be powers of two"
+    if n <= 256:
+        return [f"198.51.100.0/{32 - bits}"]
+    return [f"2001:db8:100::1:0/{128 - bits}"]
+
+
+class Pair:
+    """Two director daemons of one kind in a lab; director-a (priority 150) preempts."""
+
+    kind = ""
+
+    def start(self, timeout: float) -> None: ...
+    def stop(self) -> None: ...
+    def pids(self, director: str) -> list[int]: ...
+    def kill(self, director: str) -> float: ...
+    def term(self, director: str) -> float: ...
+    def state(self, director: str) -> str | None: ...
+    def decision(self, director: str, after: float, timeout: float) -> float | None: ...
+    def status(self, director: str) -> dict[str, Any] | None:
+        return None
+
+    def master(self) -> str | None:
+        for d in (A, B):
+            if self.state(d) == "MASTER":
+                return d
+        return None
+
+
+class OursPair(Pair):
+    kind = "ours"
+
+    def __init__(self, lab: topology.Lab, interval_ms: int, *, vips: Sequence[str] | None = None,
+                 preempt: bool = True, rate_pps: int | None = None):
+        over: dict[str, Any] = {}
+        if rate_pps is not None:
+            over = {"announce": {"rate_pps": rate_pps}}
+        common: dict[str, Any] = dict(advert_interval_ms=interval_ms, preempt=preempt, overrides=over)
+        if vips is not None:
+            common["vips"] = tuple(vips)
+        self.lab = lab
+        self.cluster = Cluster(lab, {d: NodeSettings(priority=PRIO[d], **common) for d in (A, B)})
+
+    def start(self, timeout: float) -> None:
+        self.cluster.start()
+        self.cluster.wait_converged(timeout)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        for d in self.cluster:
+            if d.proc is not None:
+                self.lab.forget(d.proc)
+
+    def pids(self, director: str) -> list[int]:
+        d = self.cluster[director]
+        return [d.pid] if d.running and d.pid else []
+
+    def kill(self, director: str) -> float:
+        return self.cluster[director].kill()
+
+    def term(self, director: str) -> float:
+        return self.cluster[director].term()
+
+    def state(self, director: str) -> str | None:
+        d = self.cluster[director]
+        return d.state() if d.running else None
+
+    def decision(self, director: str, after: float, timeout: float) -> float | None:
+        try:
+            ev = self.cluster[director].wait_transition("MASTER", timeout, after=after - 0.001)
+        except topology.LabError:
+            return None
+        return event_time(ev)
+
+    def status(self, director: str) -> dict[str, Any] | None:
+        return self.cluster[director].status()
+
+
+class KaPair(Pair):
+    kind = "keepalived"
+
+    def __init__(self, lab: topology.Lab, interval_ms: int, *, vips: Sequence[str] | None = None,
+                 preempt: bool = True, next_hop: bool = False):
+        vips = list(vips) if vips is not None else [str(v) for v in topology.DEFAULT_VIPS]
+        kw: dict[str, Any] = {}
+        if next_hop:
+            # VIP-less delivery behind the floating next hop: rules + local routes, like ours
+            kw = dict(floating=(str(topology.NEXT_HOP4), str(topology.NEXT_HOP6)),
+                      rules=(f"to {topology.VIP_NET4} table {TABLE} priority 100",
+                             f"to {topology.VIP_NET6} table {TABLE} priority 100"),
+                      routes=(f"local 0.0.0.0/0 dev lo table {TABLE}", f"local ::/0 dev lo table {TABLE}"))
+        else:
+            kw = dict(vips=tuple(v + ("/128" if ":" in v else "/32") for v in vips))
+        self.lab = lab
+        self.kas = {d: Keepalived(lab, d, KaSettings(priority=PRIO[d], advert_interval_ms=interval_ms,
+                                                     preempt=preempt, **kw)) for d in (A, B)}
+
+    def start(self, timeout: float) -> None:
+        for k in self.kas.values():
+            k.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            states = {d: k.state() for d, k in self.kas.items()}
+            if sorted(states.values(), key=str) == ["BACKUP", "MASTER"]:
+                return
+            if time.monotonic() > deadline:
+                raise topology.LabError(f"keepalived pair not converged within {timeout}s: {states}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        for k in self.kas.values():
+            k.stop()
+
+    def pids(self, director: str) -> list[int]:
+        return self.kas[director].pids() if self.kas[director].running else []
+
+    def kill(self, director: str) -> float:
+        return self.kas[director].kill()
+
+    def term(self, director: str) -> float:
+        return self.kas[director].term()
+
+    def state(self, director: str) -> str | None:
+        k = self.kas[director]
+        return k.state() if k.running else None
+
+    def decision(self, director: str, after: float, timeout: float) -> float | None:
+        try:
+            return self.kas[director].wait_log("Entering MASTER STATE", timeout, after=after).t
+        except topology.LabError:
+            return None
+
+
+def make_pair(kind: str, lab: topology.Lab, interval_ms: int, **kw: Any) -> Pair:
+    if kind == "ours":
+        kw.pop("next_hop", None)
+        return OursPair(lab, interval_ms, **kw)
+    kw.pop("rate_pps", None)
+    return KaPair(lab, interval_ms, **kw)
+
+
+# ---------------------------------------------------------------------------
+# lab helpers
+
+
+def bridge_port(lab: topology.Lab, director: str) -> str:
+    """The LAN bridge port of a director (netnslab names it ``p-<last part of the name>``)."""
+    return lab.link("p-" + director.rsplit("-", 1)[-1][:3])
+
+
+def link(lab: topology.Lab, director: str, up: bool) -> None:
+    lab.ip("lan", "link", "set", bridge_port(lab, director), "up" if up else "down")
+
+
+def scrub(lab: topology.Lab, director: str) -> None:
+    """Remove what a killed daemon left in a director namespace: delivery rules at
+    priority 100, table 100, VIP / next-hop addresses, our nftables table."""
+    for fam in ("-4", "-6"):
+        for _ in range(8):
+            if lab.ip(director, fam, "rule", "del", "pref", "100", check=False).returncode != 0:
+                break
+        lab.ip(director, fam, "route", "flush", "table", str(TABLE), check=False)
+    iface = lab.director(director).iface
+    for p in (str(topology.VIP_NET4), str(topology.VIP_NET6), "192.0.2.100/32", "2001:db8:1::100/128"):
+        lab.ip(director, "-6" if ":" in p else "-4", "addr", "flush", "dev", iface, "to", p, check=False)
+    lab.exec(director, "nft", "delete", "table", "inet", "vipless_failover", check=False)
+
+
+def warm_up(lab: topology.Lab, targets: Sequence[str]) -> None:
+    lab.probe(list(targets), count=3, interval_ms=50, timeout_ms=1500)
+
+
+def probe_window(lab: topology.Lab, targets: Sequence[str], event: Callable[[], float], *,
+                 lead_s: float, duration_s: float) -> tuple[dict[str, Any], float]:
+    """Probe every 5 ms (bounded count and duration), fire ``event`` after ``lead_s``."""
+    out = lab.workdir / f"probe-{time.monotonic_ns()}.json"
+    count = int(duration_s * 1000 / PROBE_MS)
+    sp = lab.start_prober(list(targets), out=out, interval_ms=PROBE_MS, count=count, duration_s=duration_s,
+                          timeout_ms=500)
+    try:
+        _wait_started(sp, timeout=10)
+        time.sleep(lead_s)
+        t_event = event()
+        rc = sp.popen.wait(timeout=duration_s + 30)
+    finally:
+        if sp.popen.poll() is None:
+            topology.stop_process(sp.pid, sp.starttime)
+        lab.forget(sp)
+    if rc != 0:
+        raise topology.LabError(f"prober exited {rc}")
+    res = topology.read_prober(out)
+    out.unlink(missing_ok=True)
+    return res, t_event
+
+
+def outage_after(res: dict[str, Any], t_event: float) -> dict[str, Any]:
+    """Client-visible outage caused by the event: from the first lost probe sent at or
+    after it to the next answered one (per stream, the longest); lost probes."""
+    probes = sorted(prober.probes_of(res), key=lambda p: p.sent)
+    streams: dict[str, list[prober.Probe]] = {}
+    for p in probes:
+        streams.setdefault(f"{p.proto} {p.target}", []).append(p)
+    worst, recovered, lost = 0.0, True, 0
+    for ps in streams.values():
+        after = [p for p in ps if p.sent >= t_event - PROBE_MS / 1000]
+        lost += sum(1 for p in after if p.by is None)
+        start = None
+        for p in after:
+            if p.by is None and start is None:
+                start = p.sent
+            elif p.by is not None and start is not None:
+                worst = max(worst, (p.sent - start) * 1000)
+                start = None
+        if start is not None:
+            recovered = False
+            worst = max(worst, (after[-1].sent - start) * 1000 + PROBE_MS)
+    seen = prober.after_event(res, t_event)
+    return {"outage_ms": round(worst, 1), "recovered": recovered, "lost": lost, "seen": seen,
+            "sent": res["summary"]["sent"]}
+
+
+# ---------------------------------------------------------------------------
+# figure 1 + 2: crash failover, graceful hand-over (client-visible outage)
+
+TARGETS = ("198.51.100.10",)
+
+
+def crash_trial(kind: str, index: int, interval_ms: int, *, lab: topology.Lab) -> Trial:
+    variant = f"{interval_ms} ms adverts"
+    pair = make_pair(kind, lab, interval_ms)
+    duration = 4.0 if interval_ms < 1000 else 8.0
+    master = None
+    try:
+        pair.start(timeout=10 + 6 * interval_ms / 1000)
+        master = pair.master()
+        assert master is not None
+        backup = B if master == A else A
+        warm_up(lab, TARGETS)
+
+        def crash() -> float:
+            t = pair.kill(master)
+            link(lab, master, False)
+            return t
+
+        res, t_kill = probe_window(lab, TARGETS, crash, lead_s=0.5, duration_s=duration)
+        t_dec = pair.decision(backup, t_kill, 2)
+        o = outage_after(res, t_kill)
+        d = {"master": master, **o, "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1)}
+        if not o["recovered"] or o["seen"]["after_by"] != backup:
+            return Trial("crash", variant, kind, index, None, bound_hit=not o["recovered"],
+                         note=f"no answer from {backup} within the {duration - 0.5:.1f} s window", details=d)
+        return Trial("crash", variant, kind, index, o["outage_ms"], details=d)
+    finally:
+        if master is not None:
+            link(lab, master, True)
+        pair.stop()
+        for d in (A, B):
+            scrub(lab, d)
+
+
+def graceful_trial(kind: str, index: int, interval_ms: int, how: str, *, lab: topology.Lab) -> Trial:
+    """``how``: "sigterm" (both daemons) or "promote" (ours: failoverctl promote on the backup)."""
+    variant = f"{how}, {interval_ms} ms adverts"
+    pair = make_pair(kind, lab, interval_ms, preempt=(how != "promote"))
+    try:
+        pair.start(timeout=10)
+        master = pair.master()
+        assert master is not None
+        backup = B if master == A else A
+        warm_up(lab, TARGETS)
+
+        def event() -> float:
+            if how == "sigterm":
+                return pair.term(master)
+            assert isinstance(pair, OursPair)
+            t = time.time()
+            threading.Thread(target=pair.cluster[backup].ctl, args=("promote",), daemon=True).start()
+            return t
+
+        res, t_ev = probe_window(lab, TARGETS, event, lead_s=0.5, duration_s=3.0)
+        o = outage_after(res, t_ev)
+        d = {"master": master, **o}
+        if o["seen"]["after_by"] != backup:
+            return Trial("graceful", variant, kind, index, None, note=f"{backup} never answered", details=d)
+        return Trial("graceful", variant, kind, index, o["outage_ms"], details=d)
+    finally:
+        pair.stop()
+        for d in (A, B):
+            scrub(lab, d)
+
+
+# ---------------------------------------------------------------------------
+# figure 3: takeover at scale (router's neighbour table is the judge)
+
+RTM_NEWNEIGH, RTM_GETNEIGH, NLM_F_REQUEST, NLM_F_DUMP, NLMSG_DONE = 28, 30, 1, 0x300, 3
+NDA_DST, NDA_LLADDR = 1, 2
+RTNLGRP_NEIGH = 3
+
+
+def _parse_neigh(buf: bytes) -> Iterator[tuple[bytes, bytes | None]]:
+    off = 0
+    n = len(buf)
+    while off + 16 <= n:
+        length, mtype = struct.unpack_from("=IH", buf, off)
+        if length < 16:
+            return
+        if mtype == RTM_NEWNEIGH:
+            a = off + 16 + 12
+            end = off + length
+            dst = mac = None
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", buf, a)
+                if alen < 4:
+                    break
+                if atype == NDA_DST:
+                    dst = buf[a + 4:a + alen]
+                elif atype == NDA_LLADDR:
+                    mac = buf[a + 4:a + alen]
+                a += (alen + 3) & ~3
+            if dst is not None:
+                yield dst, mac
+        off += (length + 3) & ~3
+
+
+class NeighWatch:
+    """Follows the router's neighbour table (netlink notifications, in a thread) and
+    records the time every watched address first carries ``mac`` together."""
+
+    def __init__(self, ns: str, addrs: Sequence[str], mac: str):
+        self.want = {socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in addrs}
+        self.mac = bytes.fromhex(mac.replace(":", ""))
+        self.have: set[bytes] = set()
+        self.done_at: float | None = None
+        self.overflow = False
+        self.stop_ev = threading.Event()
+        with in_netns(ns):
+            self.mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+            self.dump_sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        self.mon.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+        self.mon.bind((0, 1 << (RTNLGRP_NEIGH - 1)))
+        self.mon.settimeout(0.1)
+        self.dump_sock.bind((0, 0))
+        self._apply(self.dump(), time.time())
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def dump(self) -> list[tuple[bytes, bytes | None]]:
+        out = []
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            req = struct.pack("=IHHII", 16 + 12, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + \
+                struct.pack("=B3xiHBB", fam, 0, 0, 0, 0)
+            self.dump_sock.send(req)
+            while True:
+                buf = self.dump_sock.recv(1 << 20)
+                out.extend(_parse_neigh(buf))
+                if struct.unpack_from("=IH", buf, 0)[1] == NLMSG_DONE or _has_done(buf):
+                    break
+        return out
+
+    def _apply(self, items: Sequence[tuple[bytes, bytes | None]] | Iterator[tuple[bytes, bytes | None]],
+               t: float) -> None:
+        for dst, mac in items:
+            if dst in self.want:
+                if mac == self.mac:
+                    self.have.add(dst)
+                else:
+                    self.have.discard(dst)
+        if self.done_at is None and len(self.have) == len(self.want):
+            self.done_at = t
+
+    def _run(self) -> None:
+        while not self.stop_ev.is_set() and self.done_at is None:
+            try:
+                buf = self.mon.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:  # ENOBUFS: notifications lost; fall back to a dump
+                self.overflow = True
+                self._apply(self.dump(), time.time())
+                continue
+            self._apply(_parse_neigh(buf), time.time())
+
+    def wait(self, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while self.done_at is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.done_at
+
+    def close(self) -> None:
+        self.stop_ev.set()
+        self.thread.join(timeout=2)
+        self.mon.close()
+        self.dump_sock.close()
+
+
+def _has_done(buf: bytes) -> bool:
+    off = 0
+    while off + 16 <= len(buf):
+        length, mtype = struct.unpack_from("=IH", buf, off)
+        if mtype == NLMSG_DONE:
+            return True
+        if length < 16:
+            return False
+        off += (length + 3) & ~3
+    return False
+
+
+def resolve(lab: topology.Lab, addrs: Sequence[str], mac: str, timeout: float, pps: int = 20_000) -> bool:
+    """Make the router resolve every address (to ``mac``): it only updates entries it has.
+    Bounded: a few rounds, paced, within ``timeout``."""
+    fam = socket.AF_INET6 if ":" in addrs[0] else socket.AF_INET
+    with in_netns(lab.ns("router")):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+    watch = NeighWatch(lab.ns("router"), addrs, mac)
+    deadline = time.monotonic() + timeout
+    try:
+        for _ in range(6):
+            watch._apply(watch.dump(), time.time())
+            if watch.done_at is not None:
+                return True
+            todo = [a for a in addrs if socket.inet_pton(fam, a) not in watch.have]
+            for i, a in enumerate(todo):
+                try:
+                    s.sendto(b"x", (a, 9))
+                except OSError:
+                    time.sleep(0.05)
+                if i % 500 == 499:
+                    time.sleep(500 / pps)
+                if time.monotonic() > deadline:
+                    return False
+            if watch.wait(min(3.0, max(0.0, deadline - time.monotonic()))) is not None:
+                return True
+        return watch.done_at is not None
+    finally:
+        watch.close()
+        s.close()
+
+
+@contextlib.contextmanager
+def raised_gc_thresh(values: tuple[int, int, int] = (131072, 262144, 524288)) -> Iterator[None]:
+    """Neighbour table limits are global to the machine: raise (never lower), then restore."""
+    keys = [f"/proc/sys/net/{fam}/neigh/default/gc_thresh{i}" for fam in ("ipv4", "ipv6") for i in (1, 2, 3)]
+    saved = {k: Path(k).read_text().strip() for k in keys}
+    try:
+        for k in keys:
+            if values[int(k[-1]) - 1] > int(saved[k]):
+                Path(k).write_text(str(values[int(k[-1]) - 1]))
+        yield
+    finally:
+        for k, v in saved.items():
+            Path(k).write_text(v)
+
+
+SCALE_RATE_PPS = 50_000
+
+
+def scale_bound_s(n: int) -> float:
+    return 30.0 + 2 * n / SCALE_RATE_PPS
+
+
+def scale_trial(kind: str, index: int, n: int, mode: str) -> Trial:
+    """Crash of the master (kill -9 + link down) with ``n`` VIPs; time from the backup's
+    decision to the router having the new MAC for every VIP (per-vip) or for the
+    floating next hop (next-hop). A fresh lab per trial (a keepalived master with
+    thousands of addresses is removed with its namespace)."""
+    variant = f"{mode}, {n} VIPs"
+    bound = scale_bound_s(n)
+    with topology.Lab(announce_mode=mode, responders=False) as lab:
+        vips = vip_set(n)
+        if kind == "ours":
+            pair: Pair = OursPair(lab, 100, vips=vip_config(n), rate_pps=SCALE_RATE_PPS)
+        else:
+            pair = KaPair(lab, 100, vips=vips, next_hop=(mode == "next-hop"))
+        try:
+            t0 = time.monotonic()
+            try:
+                pair.start(timeout=bound)
+            except topology.LabError as exc:
+                return Trial("scale", variant, kind, index, None, bound_hit=True,
+                             note=f"set-up: no master within {bound:.0f} s", details={"error": str(exc)[:300]})
+            master = pair.master()
+            assert master is not None
+            backup = B if master == A else A
+            old_mac, new_mac = lab.mac(master), lab.mac(backup)
+            if mode == "per-vip":
+                watched = vips
+            else:
+                watched = [str(topology.NEXT_HOP4.ip)]
+                warm_up_nh(lab)
+            left = bound - (time.monotonic() - t0)
+            if not resolve(lab, watched, old_mac, timeout=max(5.0, left)):
+                return Trial("scale", variant, kind, index, None, bound_hit=True,
+                             note=f"set-up: the router did not resolve all {len(watched)} addresses to the "
+                                  f"master within {bound:.0f} s")
+            setup_s = time.monotonic() - t0
+            watch = NeighWatch(lab.ns("router"), watched, new_mac)
+            try:
+                t_kill = pair.kill(master)
+                link(lab, master, False)
+                t_dec = pair.decision(backup, t_kill, 10)
+                done = watch.wait(bound)
+            finally:
+                watch.close()
+            d = {"setup_s": round(setup_s, 1), "overflow": watch.overflow,
+                 "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1),
+                 "learned": len(watch.have), "watched": len(watched)}
+            if t_dec is None:
+                return Trial("scale", variant, kind, index, None, note="backup never became master", details=d)
+            if done is None:
+                return Trial("scale", variant, kind, index, None, bound_hit=True,
+                             note=f"router had {len(watch.have)}/{len(watched)} after {bound:.0f} s", details=d)
+            d["from_kill_ms"] = round((done - t_kill) * 1000, 1)
+            return Trial("scale", variant, kind, index, round((done - t_dec) * 1000, 1), details=d)
+        finally:
+            if kind == "keepalived":
+                for k in pair.kas.values():  # type: ignore[attr-defined]
+                    if k.running:
+                        k.kill()  # removing 65,536 addresses one by one would take minutes: the lab goes
+                    k._forget()
+            else:
+                pair.stop()
+
+
+def warm_up_nh(lab: topology.Lab) -> None:
+    """The router resolves the floating next hop (one probe through it)."""
+    lab.exec("router", "ping", "-c", "1", "-W", "1", str(topology.NEXT_HOP4.ip), check=False)
+
+
+# ---------------------------------------------------------------------------
+# figure 4: cost at rest
+
+
+def _cpu_s(pids: Sequence[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])  # utime, stime
+        except OSError:
+            pass
+    return total / tick
+
+
+def _rss_mb(pids: Sequence[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def cost_trial(kind: str, index: int, n: int, window_s: float, settle_s: float) -> list[Trial]:
+    """Idle pair at 100 ms adverts: CPU seconds per minute and RSS of the master and the
+    backup (keepalived: parent + VRRP child) over ``window_s``."""
+    variant_base = "2 VIPs" if n <= 2 else f"{n} VIPs"
+    bound = scale_bound_s(n)
+    with topology.Lab(responders=False) as lab:
+        vips = vip_set(n) if n > 2 else None
+        if kind == "ours":
+            pair: Pair = OursPair(lab, 100, vips=vip_config(n) if n > 2 else None)
+        else:
+            pair = KaPair(lab, 100, vips=vips)
+        try:
+            try:
+                pair.start(timeout=bound)
+            except topology.LabError as exc:
+                return [Trial("cost", f"{role}, {variant_base}", kind, index, None, bound_hit=True,
+                              note=f"set-up: no master within {bound:.0f} s", details={"error": str(exc)[:300]})
+                        for role in ("master", "backup")]
+            time.sleep(settle_s)
+            master = pair.master() or A
+            roles = {"master": master, "backup": B if master == A else A}
+            pids = {r: pair.pids(d) for r, d in roles.items()}
+            c0 = {r: _cpu_s(p) for r, p in pids.items()}
+            t0 = time.monotonic()
+            time.sleep(window_s)
+            dt = time.monotonic() - t0
+            out = []
+            for r, p in pids.items():
+                cpu = _cpu_s(p) - c0[r]
+                out.append(Trial("cost", f"{r}, {variant_base}", kind, index, None,
+                                 details={"cpu_s_per_min": round(cpu / dt * 60, 4),
+                                          "core_pct": round(cpu / dt * 100, 3), "rss_mb": round(_rss_mb(p), 1),
+                                          "pids": len(p), "window_s": round(dt, 1),
+                                          "state": pair.state(roles[r])}))
+            return out
+        finally:
+            if kind == "keepalived":
+                for k in pair.kas.values():  # type: ignore[attr-defined]
+                    if k.running:
+                        k.kill()
+                    k._forget()
+            else:
+                pair.stop()
+
+
+# ---------------------------------------------------------------------------
+# figure 5: flood of forged adverts against the backup
+
+FLOOD_PPS = 10_000
+FLOOD_S = 10.0
+
+
+def forged_frames(kind: str, lab: topology.Lab, count: int = 1000) -> list[bytes]:
+    """Forged adverts from the router's LAN address to the election multicast group:
+    ours with a wrong key (our wire format, valid apart from the HMAC), keepalived
+    VRRPv3 with a VRID it does not run (VRRPv3 has no authentication)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vrrp import VRRPv3
+
+    from vipless_failover.election.protocol import Advert, State, encode_advert
+
+    src_mac = json.loads(lab.ip("router", "-j", "link", "show", "dev", lab.router.iface).stdout)[0]["address"]
+    eth = Ether(src=src_mac, dst="01:00:5e:00:00:12")
+    ip = IP(src=str(lab.router.ip4), dst="224.0.0.18", ttl=255)
+    frames = []
+    wrong_key = os.urandom(32)
+    for i in range(count):
+        if kind == "ours":
+            adv = Advert(cluster_id=51, node="intruder", address=ipaddress.ip_address(str(lab.router.ip4)),
+                         priority=254, advert_interval_ms=100, state=State.MASTER, counter=1_000_000 + i)
+            pkt = eth / ip / UDP(sport=5798, dport=5798) / encode_advert(adv, wrong_key)
+        else:
+            pkt = eth / IP(src=str(lab.router.ip4), dst="224.0.0.18", ttl=255, proto=112) / VRRPv3(
+                vrid=52, priority=254, adv=10, ipcount=1, addrlist=["198.51.100.10"])
+        frames.append(bytes(pkt))
+    return frames
+
+
+def send_flood(lab: topology.Lab, frames: Sequence[bytes], pps: int, seconds: float) -> dict[str, Any]:
+    """Send ``pps`` x ``seconds`` frames (bounded count and time) from the router's LAN link."""
+    with in_netns(lab.ns("router")):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((lab.router.iface, 0))
+    total = int(pps * seconds)
+    batch = max(1, pps // 100)  # every 10 ms
+    sent, errors = 0, 0
+    t0 = time.monotonic()
+    try:
+        while sent < total and time.monotonic() - t0 < seconds + 2:
+            due = t0 + (sent / pps)
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for _ in range(min(batch, total - sent)):
+                try:
+                    s.send(frames[sent % len(frames)])
+                except OSError:
+                    errors += 1
+                sent += 1
+    finally:
+        s.close()
+    return {"sent": sent, "errors": errors, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def flood_trial(kind: str, index: int) -> list[Trial]:
+    with topology.Lab(responders=False) as lab:
+        pair = make_pair(kind, lab, 100)
+        try:
+            pair.start(timeout=10)
+            time.sleep(0.5)
+            master = pair.master()
+            assert master is not None
+            backup = B if master == A else A
+            frames = forged_frames(kind, lab)
+            pids = pair.pids(backup)
+            st0 = pair.status(backup) if isinstance(pair, OursPair) else None
+            c0 = _cpu_s(pids)
+            t0 = time.time()
+            sent = send_flood(lab, frames, FLOOD_PPS, FLOOD_S)
+            dt = time.time() - t0
+            cpu = _cpu_s(pids) - c0
+            time.sleep(0.3)
+            took = pair.decision(backup, t0, 0.01) is not None
+            d: dict[str, Any] = {"flood": sent, "backup_state_after": pair.state(backup),
+                                 "master_state_after": pair.state(master), "took_over": took,
+                                 "cpu_s": round(cpu, 3), "core_pct": round(cpu / dt * 100, 2)}
+            if st0 is not None:
+                st1 = pair.status(backup) or {}
+                rec = st1["adverts"]["received"] - st0["adverts"]["received"]
+                rej = sum(st1["adverts"]["rejected"].values()) - sum(st0["adverts"]["rejected"].values())
+                d.update({"received": rec, "rejected": rej, "master_adverts_accepted": rec - rej,
+                          "master_adverts_expected": round(dt / 0.1)})
+            else:
+                d["master_adverts_accepted"] = None  # keepalived has no counter to read here
+            return [Trial("flood", "10,000/s for 10 s", kind, index, d["cpu_s"], details=d)]
+        finally:
+            pair.stop()
+
