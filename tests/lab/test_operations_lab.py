@@ -542,3 +542,31 @@ def test_sd_notify_ready_status_and_watchdog(make_cluster: Callable[..., Cluster
     finally:
         cluster.stop()
         sock.close()
+
+
+def test_reload_applies_new_tracking_and_hooks(make_cluster: Callable[..., Cluster], lab) -> None:
+    cluster = make_cluster()
+    a, b = cluster[A], cluster[B]
+    cluster.wait_converged(CONVERGE_S, A)
+    assert [t["name"] for t in a.status()["tracked"]] == [f"link:{lab.director(A).iface}"]
+    rec = lab.workdir / "record.py"
+    rec.write_text(RECORDER)
+    calls = lab.workdir / "calls-reload.jsonl"
+    # a check that fails from the start, with a weight, and a hook: added by reload
+    a.reconfigure(overrides={"track": {"check": [{"name": "gone", "command": ["/bin/false"],
+                                                  "interval_ms": 100, "timeout_ms": 100, "weight": 100}]},
+                             "notify": {"commands": [[sys.executable, str(rec), str(calls)]]}})
+    code, out, err = ctl(a, "reload")
+    assert code == 0, (out, err)
+    b.wait_state("MASTER", 5)  # a advertises 150 - 100 = 50 < 100: b preempts
+    st = a.status()
+    assert st["effective_priority"] == 50
+    assert [t["state"] for t in st["tracked"] if t["name"] == "check:gone"] == ["failed"]
+    got = wait_for(lambda: calls.exists() and calls.read_text().strip(), 5, "hook after reload")
+    assert json.loads(got.splitlines()[-1])["argv"][:2] == ["BACKUP", "MASTER"]
+    # reload without it: the item is gone and the priority is back
+    a.reconfigure(overrides={})
+    assert ctl(a, "reload")[0] == 0
+    a.wait_state("MASTER", 5)
+    st = a.status()
+    assert st["effective_priority"] == 150 and not [t for t in st["tracked"] if t["name"] == "check:gone"]
