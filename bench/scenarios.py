@@ -474,6 +474,40 @@ class NeighWatch:
         self.dump_sock.close()
 
 
+class AddrWatch:
+    """The time of the first address added in a namespace (netlink notification): a
+    keepalived backup adds its VIPs (or floating address) right after deciding to become
+    master, so this is its decision time as the kernel sees it. (Its console log is
+    read through a pipe and can arrive late when it logs thousands of lines.)"""
+
+    def __init__(self, ns: str):
+        self.first: float | None = None
+        self.stop_ev = threading.Event()
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        self.sock.bind((0, (1 << (5 - 1)) | (1 << (9 - 1))))  # RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR
+        self.sock.settimeout(0.05)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_ev.is_set() and self.first is None:
+            try:
+                buf = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                continue
+            t = time.time()
+            if len(buf) >= 16 and struct.unpack_from("=IH", buf, 0)[1] == 20:  # RTM_NEWADDR
+                self.first = t
+
+    def close(self) -> None:
+        self.stop_ev.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
 def _has_done(buf: bytes) -> bool:
     off = 0
     while off + 16 <= len(buf):
@@ -575,13 +609,18 @@ def scale_trial(kind: str, index: int, n: int, mode: str) -> Trial:
                                   f"master within {bound:.0f} s")
             setup_s = time.monotonic() - t0
             watch = NeighWatch(lab.ns("router"), watched, new_mac)
+            addrs = AddrWatch(lab.ns(backup)) if kind == "keepalived" else None
             try:
                 t_kill = pair.kill(master)
                 link(lab, master, False)
                 t_dec = pair.decision(backup, t_kill, 10)
                 done = watch.wait(bound)
+                if addrs is not None:
+                    t_dec = addrs.first  # first VIP added on the backup (see AddrWatch)
             finally:
                 watch.close()
+                if addrs is not None:
+                    addrs.close()
             d = {"setup_s": round(setup_s, 1), "overflow": watch.overflow,
                  "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1),
                  "learned": len(watch.have), "watched": len(watched)}
@@ -635,49 +674,59 @@ def _rss_mb(pids: Sequence[int]) -> float:
     return total / 1024
 
 
-def cost_trial(kind: str, index: int, n: int, window_s: float, settle_s: float) -> list[Trial]:
-    """Idle pair at 100 ms adverts: CPU seconds per minute and RSS of the master and the
-    backup (keepalived: parent + VRRP child) over ``window_s``."""
-    variant_base = "2 VIPs" if n <= 2 else f"{n} VIPs"
-    bound = scale_bound_s(n)
-    with topology.Lab(responders=False) as lab:
-        vips = vip_set(n) if n > 2 else None
+class CostSession:
+    """An idle pair at 100 ms adverts in its own lab, kept up while the driver takes
+    interleaved measurement windows (ours, keepalived, ours ...): CPU seconds per
+    minute and RSS of the master and the backup (keepalived: parent + VRRP child)."""
+
+    def __init__(self, kind: str, n: int, settle_s: float):
+        self.kind, self.n = kind, n
+        self.variant = "2 VIPs" if n <= 2 else f"{n} VIPs"
+        self.lab = topology.Lab(responders=False)
+        self.lab.__enter__()
+        self.error = ""
+        bound = scale_bound_s(n)
         if kind == "ours":
-            pair: Pair = OursPair(lab, 100, vips=vip_config(n) if n > 2 else None)
+            self.pair: Pair = OursPair(self.lab, 100, vips=vip_config(n) if n > 2 else None)
         else:
-            pair = KaPair(lab, 100, vips=vips)
+            self.pair = KaPair(self.lab, 100, vips=vip_set(n) if n > 2 else None)
         try:
-            try:
-                pair.start(timeout=bound)
-            except topology.LabError as exc:
-                return [Trial("cost", f"{role}, {variant_base}", kind, index, None, bound_hit=True,
-                              note=f"set-up: no master within {bound:.0f} s", details={"error": str(exc)[:300]})
-                        for role in ("master", "backup")]
-            time.sleep(settle_s)
-            master = pair.master() or A
-            roles = {"master": master, "backup": B if master == A else A}
-            pids = {r: pair.pids(d) for r, d in roles.items()}
-            c0 = {r: _cpu_s(p) for r, p in pids.items()}
-            t0 = time.monotonic()
-            time.sleep(window_s)
-            dt = time.monotonic() - t0
-            out = []
-            for r, p in pids.items():
-                cpu = _cpu_s(p) - c0[r]
-                out.append(Trial("cost", f"{r}, {variant_base}", kind, index, None,
-                                 details={"cpu_s_per_min": round(cpu / dt * 60, 4),
-                                          "core_pct": round(cpu / dt * 100, 3), "rss_mb": round(_rss_mb(p), 1),
-                                          "pids": len(p), "window_s": round(dt, 1),
-                                          "state": pair.state(roles[r])}))
-            return out
-        finally:
-            if kind == "keepalived":
-                for k in pair.kas.values():  # type: ignore[attr-defined]
+            self.pair.start(timeout=bound)
+        except topology.LabError as exc:
+            self.error = f"set-up: no master within {bound:.0f} s"
+        time.sleep(settle_s)
+
+    def measure(self, index: int, window_s: float) -> list[Trial]:
+        if self.error:
+            return [Trial("cost", f"{r}, {self.variant}", self.kind, index, None, bound_hit=True, note=self.error)
+                    for r in ("master", "backup")]
+        master = self.pair.master() or A
+        roles = {"master": master, "backup": B if master == A else A}
+        pids = {r: self.pair.pids(d) for r, d in roles.items()}
+        c0 = {r: _cpu_s(p) for r, p in pids.items()}
+        t0 = time.monotonic()
+        time.sleep(window_s)
+        dt = time.monotonic() - t0
+        out = []
+        for r, p in pids.items():
+            cpu = _cpu_s(p) - c0[r]
+            out.append(Trial("cost", f"{r}, {self.variant}", self.kind, index, round(cpu / dt * 100, 3),
+                             details={"cpu_s_per_min": round(cpu / dt * 60, 4), "core_pct": round(cpu / dt * 100, 3),
+                                      "rss_mb": round(_rss_mb(p), 1), "pids": len(p), "window_s": round(dt, 1),
+                                      "state": self.pair.state(roles[r])}))
+        return out
+
+    def close(self) -> None:
+        try:
+            if isinstance(self.pair, KaPair):
+                for k in self.pair.kas.values():
                     if k.running:
                         k.kill()
                     k._forget()
             else:
-                pair.stop()
+                self.pair.stop()
+        finally:
+            self.lab.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------

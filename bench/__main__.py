@@ -1,0 +1,212 @@
+"""``python -m bench``: vipless-failover and keepalived side by side, in one run (root).
+
+    python -m bench [--trials 10] [--sizes 1,1024,16384,65536] [--figures crash,graceful,scale,cost,flood]
+                    [--out bench/results] [--no-micro] [--quick]
+
+Every figure of issue 7, each with ``--trials`` trials per daemon interleaved (ours,
+keepalived, ours, keepalived ...) in namespace labs of netnslab; every trial has a time
+bound and a bound hit is reported as such. Writes ``results.json`` (every trial, after
+each figure), ``results.md`` (the table, also printed), ``machine.txt`` and PNG plots to
+``--out``. ``--quick`` is a smoke run (2 trials, small sizes, short windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from netnslab import topology
+
+from . import report
+from . import scenarios as S
+from .keepalived import KEEPALIVED
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ka = subprocess.run([KEEPALIVED, "--version"], capture_output=True, text=True)
+    return {"kernel": platform.release(), "kernel_version": platform.version(), "cpu": cpu,
+            "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "keepalived": (ka.stdout + ka.stderr).splitlines()[0] if (ka.stdout + ka.stderr) else "?",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+class Run:
+    def __init__(self, out: Path, trials: int):
+        self.out = out
+        self.n = trials
+        self.trials: list[dict[str, Any]] = []
+
+    def add(self, t: S.Trial | list[S.Trial]) -> None:
+        for x in (t if isinstance(t, list) else [t]):
+            self.trials.append(x.to_json())
+            v = "-" if x.value_ms is None else f"{x.value_ms:.1f}"
+            extra = f" [{x.note}]" if x.note else ""
+            print(f"  {x.figure:8} {x.variant:28} {x.daemon:10} #{x.index}: {v}{extra}", flush=True)
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(self.trials, indent=1))
+
+    def safe(self, fig: str, variant: str, kind: str, i: int, fn: Callable[[], Any]) -> None:
+        try:
+            self.add(fn())
+        except Exception as exc:  # noqa: BLE001 - a broken trial is recorded, the run goes on
+            traceback.print_exc()
+            self.add(S.Trial(fig, variant, kind, i, None, note=f"error: {type(exc).__name__}: {str(exc)[:200]}"))
+
+
+def fig_crash_graceful(run: Run, interval_ms: int, what: str) -> None:
+    with topology.Lab() as lab:
+        for i in range(run.n):
+            for kind in S.DAEMONS:
+                if what == "crash":
+                    run.safe("crash", f"{interval_ms} ms adverts", kind, i,
+                             lambda: S.crash_trial(kind, i, interval_ms, lab=lab))
+                else:
+                    run.safe("graceful", f"sigterm, {interval_ms} ms adverts", kind, i,
+                             lambda: S.graceful_trial(kind, i, interval_ms, "sigterm", lab=lab))
+            if what == "graceful":  # promote: ours only (keepalived has no such command)
+                run.safe("graceful", f"promote, {interval_ms} ms adverts", "ours", i,
+                         lambda: S.graceful_trial("ours", i, interval_ms, "promote", lab=lab))
+    run.save()
+
+
+def fig_scale(run: Run, sizes: list[int]) -> None:
+    with S.raised_gc_thresh():
+        for mode in ("per-vip", "next-hop"):
+            hits: dict[str, int] = {k: 0 for k in S.DAEMONS}
+            hit_size: dict[str, int] = {}
+            for n in sizes:
+                for i in range(run.n):
+                    for kind in S.DAEMONS:
+                        variant = f"{mode}, {n} VIPs"
+                        if hits[kind] >= 2:  # two trials hit the bound: larger sizes take longer still
+                            run.add(S.Trial("scale", variant, kind, i, None,
+                                            note=f"not run: time bound hit twice at {hit_size[kind]} VIPs"))
+                            continue
+                        before = len(run.trials)
+                        run.safe("scale", variant, kind, i, lambda: S.scale_trial(kind, i, n, mode))
+                        if run.trials[before:] and run.trials[-1]["bound_hit"]:
+                            hits[kind] += 1
+                            hit_size.setdefault(kind, n)
+                run.save()
+
+
+def fig_cost(run: Run, sizes: list[int], window_s: float, settle_s: float) -> None:
+    for n in sizes:
+        sessions = {}
+        try:
+            for kind in S.DAEMONS:
+                sessions[kind] = S.CostSession(kind, n, settle_s)
+            for i in range(run.n):
+                for kind in S.DAEMONS:
+                    run.safe("cost", f"{n} VIPs", kind, i, lambda: sessions[kind].measure(i, window_s))
+        finally:
+            for s in sessions.values():
+                s.close()
+        run.save()
+
+
+def fig_flood(run: Run) -> None:
+    for i in range(run.n):
+        for kind in S.DAEMONS:
+            run.safe("flood", "10,000/s for 10 s", kind, i, lambda: S.flood_trial(kind, i))
+    run.save()
+
+
+def micro(sizes: list[int], runs: int, timeout: float) -> str:
+    """The announce micro-benchmark (bench/announce_bench.py): kernel flip alone and
+    announcements without a daemon."""
+    if not (ROOT / "bench" / "announce_bench.py").exists():
+        return ""
+    try:
+        p = subprocess.run([sys.executable, "-m", "bench.announce_bench", "--sizes", ",".join(map(str, sizes)),
+                            "--runs", str(runs)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"announce_bench: time bound of {timeout:.0f} s hit"
+    text = p.stdout
+    if p.returncode != 0:
+        text += f"\nannounce_bench exited {p.returncode}: {p.stderr.strip()[-800:]}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--sizes", default="1,1024,16384,65536")
+    ap.add_argument("--figures", default="crash,graceful,flood,cost,scale")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--cost-window", type=float, default=6.0)
+    ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
+    ap.add_argument("--report-only", action="store_true", help="re-render results.md/plots from results.json")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        ap.error("root needed (network namespaces)")
+    out = Path(args.out)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        args.trials, sizes, args.cost_window = 2, [s for s in sizes if s <= 1024] or [1], 3.0
+    run = Run(out, args.trials)
+    figures = args.figures.split(",")
+    t0 = time.time()
+    info = machine_info()
+    micro_text = ""
+    if args.report_only:
+        run.trials = json.loads((out / "results.json").read_text())
+        info = json.loads((out / "machine.json").read_text())
+        micro_text = (out / "announce_bench.txt").read_text() if (out / "announce_bench.txt").exists() else ""
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for fig in figures:
+            print(f"== {fig}", flush=True)
+            if fig == "crash":
+                fig_crash_graceful(run, 100, "crash")
+                fig_crash_graceful(run, 1000, "crash")
+            elif fig == "graceful":
+                fig_crash_graceful(run, 100, "graceful")
+            elif fig == "scale":
+                fig_scale(run, sizes)
+            elif fig == "cost":
+                fig_cost(run, [2, max(sizes)] if max(sizes) > 2 else [2], args.cost_window,
+                         settle_s=5.0 if not args.quick else 2.0)
+            elif fig == "flood":
+                fig_flood(run)
+            else:
+                ap.error(f"unknown figure {fig}")
+        if not args.no_micro:
+            print("== announce micro-benchmark", flush=True)
+            micro_text = micro(sizes, max(5, args.trials), timeout=900)
+            (out / "announce_bench.txt").write_text(micro_text)
+        info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
+        (out / "machine.json").write_text(json.dumps(info, indent=1))
+        (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")
+        run.save()
+    pngs = report.plots(run.trials, out)
+    cmd = "python -m bench" + (" --quick" if args.quick else f" --trials {args.trials}")
+    md = report.markdown(run.trials, info, micro_text, pngs, cmd)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

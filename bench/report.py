@@ -1,0 +1,268 @@
+"""Results of a bench run: the Markdown table (also printed) and PNG plots.
+
+Input: the trials (:class:`bench.scenarios.Trial` as dicts, ``results.json``), the
+machine info, and the announce micro-benchmark's text output. Every row gives the
+number of trials, median, p95 and max, the trials that hit their time bound, the
+ratio ours/keepalived trial by trial (median of the per-index ratios), and the
+issue's target with whether it was met.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+SKEW_B_100MS = (256 - 100) * 100 / 256  # backup (priority 100) at 100 ms adverts
+
+
+def pct(xs: Sequence[float], p: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def fmt(x: float | None, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}{unit}"
+    if abs(x) >= 10:
+        return f"{x:.1f}{unit}"
+    return f"{x:.2f}{unit}"
+
+
+def group(trials: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
+    out: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for t in trials:
+        out[(t["figure"], t["variant"])][t["daemon"]].append(t)
+    return out
+
+
+def ratios(ours: Sequence[dict[str, Any]], ka: Sequence[dict[str, Any]]) -> list[float]:
+    by = {t["index"]: t["value_ms"] for t in ka}
+    out = []
+    for t in ours:
+        k = by.get(t["index"])
+        if t["value_ms"] is not None and k:
+            out.append(t["value_ms"] / k)
+    return out
+
+
+def scale_target(variant: str) -> tuple[str, float]:
+    mode, n = variant.split(", ")
+    n_vips = int(n.split()[0])
+    if mode == "next-hop":
+        return "<= 50 ms", 50.0
+    from .scenarios import SCALE_RATE_PPS
+    frames = n_vips * (2 if n_vips <= 256 else 1)  # IPv4: request + reply GARP; IPv6: one NA
+    bound = frames / SCALE_RATE_PPS * 1000 + 50
+    return f"<= {bound:.0f} ms ({frames} frames at {SCALE_RATE_PPS:,} pps + 50)", bound
+
+
+def target_for(fig: str, variant: str, daemon_trials: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
+    ours = [t for t in daemon_trials.get("ours", [])]
+    vals = [t["value_ms"] for t in ours if t["value_ms"] is not None]
+    ka_vals = [t["value_ms"] for t in daemon_trials.get("keepalived", []) if t["value_ms"] is not None]
+    if not ours:
+        return "", ""
+    if fig == "crash" and variant.startswith("100 ms"):
+        bound = 3 * 100 + SKEW_B_100MS + 30
+        ok = bool(vals) and len(vals) == len(ours) and statistics.median(vals) <= bound and \
+            (not ka_vals or statistics.median(vals) <= statistics.median(ka_vals))
+        return f"median <= {bound:.0f} ms and <= keepalived's median", "met" if ok else "**MISSED**"
+    if fig == "graceful":
+        lost = [t["details"].get("lost") for t in ours]
+        ok = all(x == 0 for x in lost) and len(vals) == len(ours)
+        return "no probe lost (5 ms probing)", "met" if ok else f"**MISSED** (lost: {lost})"
+    if fig == "scale":
+        text, bound = scale_target(variant)
+        ok = bool(vals) and len(vals) == len(ours) and max(vals) <= bound
+        return text + " (every trial)", "met" if ok else "**MISSED**"
+    return "", ""
+
+
+def table_times(trials: Sequence[dict[str, Any]], figures: Sequence[str]) -> list[str]:
+    lines = ["| figure | variant | daemon | trials | median ms | p95 ms | max ms | bound hit / failed | "
+             "ratio ours/keepalived (median, trial by trial) | target (ours) | result |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    g = group(trials)
+    for (fig, variant), by_daemon in g.items():
+        if fig not in figures:
+            continue
+        tgt, res = target_for(fig, variant, by_daemon)
+        r = ratios(by_daemon.get("ours", []), by_daemon.get("keepalived", []))
+        for daemon in ("ours", "keepalived"):
+            ts = by_daemon.get(daemon)
+            if not ts:
+                continue
+            vals = [t["value_ms"] for t in ts if t["value_ms"] is not None]
+            bad = len(ts) - len(vals)
+            bh = sum(1 for t in ts if t["bound_hit"])
+            notes = sorted({t["note"] for t in ts if t["note"]})
+            badtxt = "0" if not bad else f"{bad} ({bh} bound hit{'s' if bh != 1 else ''}: {'; '.join(notes)[:160]})"
+            ratio = fmt(statistics.median(r)) if (daemon == "ours" and r) else ""
+            lines.append(f"| {fig} | {variant} | {daemon} | {len(ts)} | "
+                         f"{fmt(statistics.median(vals)) if vals else '-'} | {fmt(pct(vals, 95)) if vals else '-'} | "
+                         f"{fmt(max(vals)) if vals else '-'} | {badtxt} | {ratio} | "
+                         f"{tgt if daemon == 'ours' else ''} | {res if daemon == 'ours' else ''} |")
+    return lines
+
+
+def table_cost(trials: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| role, VIPs | daemon | trials | CPU s/min (median) | % of one core (median / max) | "
+             "RSS MB (median / max) | bound hit | target (ours) | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (fig, variant), by_daemon in group(trials).items():
+        if fig != "cost":
+            continue
+        for daemon in ("ours", "keepalived"):
+            ts = by_daemon.get(daemon)
+            if not ts:
+                continue
+            ok_ts = [t for t in ts if t["value_ms"] is not None]
+            bh = sum(1 for t in ts if t["bound_hit"])
+            cpu = [t["details"]["cpu_s_per_min"] for t in ok_ts]
+            core = [t["details"]["core_pct"] for t in ok_ts]
+            rss = [t["details"]["rss_mb"] for t in ok_ts]
+            tgt = res = ""
+            if daemon == "ours":
+                tgt = "< 0.5% of one core, RSS < 60 MB"
+                met = bool(ok_ts) and len(ok_ts) == len(ts) and statistics.median(core) < 0.5 and max(rss) < 60
+                res = "met" if met else "**MISSED**"
+            note = "" if not bh else f"{bh}: {ts[0]['note']}"
+            lines.append(f"| {variant} | {daemon} | {len(ts)} | {fmt(statistics.median(cpu)) if cpu else '-'} | "
+                         f"{(fmt(statistics.median(core)) + ' / ' + fmt(max(core))) if core else '-'} | "
+                         f"{(fmt(statistics.median(rss)) + ' / ' + fmt(max(rss))) if rss else '-'} | "
+                         f"{note or 0} | {tgt} | {res} |")
+    return lines
+
+
+def table_flood(trials: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| daemon | trials | took over | backup CPU during flood, % of one core (median / max) | "
+             "forged sent per trial | master adverts accepted by the backup (median; expected ~100) | target | result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (fig, variant), by_daemon in group(trials).items():
+        if fig != "flood":
+            continue
+        for daemon in ("ours", "keepalived"):
+            ts = by_daemon.get(daemon)
+            if not ts:
+                continue
+            took = sum(1 for t in ts if t["details"].get("took_over"))
+            core = [t["details"]["core_pct"] for t in ts]
+            sent = [t["details"]["flood"]["sent"] for t in ts]
+            acc = [t["details"]["master_adverts_accepted"] for t in ts
+                   if t["details"].get("master_adverts_accepted") is not None]
+            res = ("met" if took == 0 else "**MISSED**") if daemon == "ours" else ""
+            lines.append(f"| {daemon} | {len(ts)} | {took} of {len(ts)} | "
+                         f"{fmt(statistics.median(core))} / {fmt(max(core))} | {min(sent):,}..{max(sent):,} | "
+                         f"{fmt(statistics.median(acc)) if acc else 'n/a (no counter)'} | "
+                         f"{'must not take over' if daemon == 'ours' else ''} | {res} |")
+    return lines
+
+
+def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], micro: str, plots: Sequence[str],
+             command: str) -> str:
+    out = ["# vipless-failover vs keepalived: bench results", "",
+           f"Generated by `{command}`. Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
+           f"kernel {machine.get('kernel', '?')}; keepalived {machine.get('keepalived', '?')}; "
+           f"Python {machine.get('python', '?')}; started {machine.get('started', '?')}, "
+           f"took {machine.get('duration_min', '?')} min. Trials interleave the daemons (ours, keepalived, ours ...). "
+           "A crash is `kill -9` of the master's processes plus its LAN link down (bridge port down), "
+           "for both daemons alike. The client probes one VIP over UDP every 5 ms; outage = longest run of "
+           "unanswered probes after the event. See docs/bench.md for the method.", "",
+           "## Client-visible outage: crash failover and graceful hand-over", "",
+           *table_times(trials, ("crash", "graceful")), "",
+           "## Takeover at scale: backup's decision to router has the new MAC", "",
+           "per-vip: every VIP's neighbour entry on the router carries the new master's MAC; next-hop: the "
+           "router's entry for the floating next hop 192.0.2.100 does. 1 VIP is IPv4, 1,024 and more are "
+           "IPv6 from 2001:db8:100::1:0 on. Decision: ours from its log (transition to MASTER), keepalived "
+           "from the kernel (its first VIP address added on the backup).", "",
+           *table_times(trials, ("scale",)), "",
+           "## Cost at rest (100 ms adverts, idle)", "", *table_cost(trials), "",
+           "## Flood: forged adverts at 10,000/s for 10 s against the backup", "",
+           "Ours: our wire format with a wrong key (to the election group, from the router's LAN address). "
+           "keepalived: VRRPv3 with a VRID it does not run (VRRPv3 has no authentication, so a forged "
+           "advert with the right VRID cannot be rejected at all).", "",
+           *table_flood(trials), ""]
+    if micro:
+        out += ["## Kernel flip and announcements alone (bench/announce_bench.py, no daemon)", "",
+                "```", micro.strip(), "```", ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def plots(trials: Sequence[dict[str, Any]], outdir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    g = group(trials)
+    outage = [(k, v) for k, v in g.items() if k[0] in ("crash", "graceful")]
+    if outage:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        labels, data, colors = [], [], []
+        for (f, variant), by in outage:
+            for daemon, color in (("ours", "tab:blue"), ("keepalived", "tab:orange")):
+                vals = [t["value_ms"] for t in by.get(daemon, []) if t["value_ms"] is not None]
+                if by.get(daemon):
+                    labels.append(f"{f}\n{variant}\n{daemon}")
+                    data.append(vals or [math.nan])
+                    colors.append(color)
+        bp = ax.boxplot(data, patch_artist=True, showfliers=True)
+        for patch, c in zip(bp["boxes"], colors):
+            patch.set_facecolor(c)
+            patch.set_alpha(0.5)
+        for i, vals in enumerate(data, 1):
+            ax.plot([i] * len(vals), vals, "k.", alpha=0.6)
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+        ax.set_ylabel("client-visible outage (ms)")
+        ax.set_title("Outage per trial (5 ms probing)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        p = outdir / "outage.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(str(p))
+    scale = [(k, v) for k, v in g.items() if k[0] == "scale"]
+    if scale:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series: dict[tuple[str, str], list[tuple[int, list[float], int]]] = defaultdict(list)
+        for (_, variant), by in scale:
+            mode, n = variant.split(", ")
+            for daemon, ts in by.items():
+                vals = [t["value_ms"] for t in ts if t["value_ms"] is not None]
+                series[(daemon, mode)].append((int(n.split()[0]), vals, sum(1 for t in ts if t["bound_hit"])))
+        styles = {("ours", "per-vip"): ("tab:blue", "o-"), ("ours", "next-hop"): ("tab:blue", "s--"),
+                  ("keepalived", "per-vip"): ("tab:orange", "o-"), ("keepalived", "next-hop"): ("tab:orange", "s--")}
+        for key, pts in series.items():
+            pts.sort()
+            xs = [n for n, v, _ in pts if v]
+            ys = [statistics.median(v) for n, v, _ in pts if v]
+            color, style = styles.get(key, ("k", "o-"))
+            ax.plot(xs, [max(y, 0.01) for y in ys], style, color=color, label=f"{key[0]} {key[1]} (median)")
+            hits = [n for n, v, h in pts if h and not v]
+            if hits:
+                ax.plot(hits, [3e4] * len(hits), "x", color=color, markersize=10,
+                        label=f"{key[0]} {key[1]}: time bound hit")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("VIPs")
+        ax.set_ylabel("decision -> router learned (ms)")
+        ax.set_title("Takeover time vs number of VIPs")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = outdir / "takeover_vs_vips.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(str(p))
+    return made
