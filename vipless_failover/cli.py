@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from .control import Unreachable, request
+from .control import Refused, Unreachable, request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONFIG = "/etc/vipless-failover/vipless-failover.toml"
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except Unreachable as exc:
         print(f"failoverctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except Refused as exc:
+        print(f"failoverctl: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(resp.get("data") if resp.get("ok") else resp, indent=2, sort_keys=True))
     elif resp.get("ok"):

@@ -163,6 +163,10 @@ class Unreachable(Exception):
     """The daemon's control socket cannot be reached."""
 
 
+class Refused(Exception):
+    """The caller may not use the control socket."""
+
+
 def request(path: Path | str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """One blocking request (for failoverctl)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -173,7 +177,8 @@ def request(path: Path | str, req: dict[str, Any], timeout: float = 5.0) -> dict
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unreachable(f"daemon not reachable at {path}: {exc.strerror}") from None
         except PermissionError:
-            raise Unreachable(f"daemon not reachable at {path}: permission denied") from None
+            raise Refused(f"permission denied: {path} is open to root and the daemon's control "
+                          "group only") from None
         sock.sendall(json.dumps(req).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
