@@ -196,8 +196,10 @@ class Daemon:
             msg = f"reload cannot change [{'], ['.join(problems)}]: restart the daemon for that"
             self.log.error("reload_failed", error=msg)
             return {"ok": False, "error": msg}
-        self.cfg = new
+        old, self.cfg = self.cfg, new
         await self.dataplane.reload(new)
+        if new.announce != old.announce:
+            await self._reload_announcer(new)
         await self.hooks.reconfigure(new.notify)
         if new.track != self.tracker.cfg:
             await self.tracker.close()
@@ -206,6 +208,22 @@ class Daemon:
             self._on_track_change()  # items no longer configured stop counting
         self.log.info("reloaded", config=str(new.path))
         return {"ok": True, "data": {"reloaded": str(new.path)}}
+
+    async def _reload_announcer(self, new: config_mod.Config) -> None:
+        """Announce (and answer for) the reloaded VIP set: added VIPs move with the next
+        takeover, removed ones are no longer announced. A master re-announces at once."""
+        fresh = Announcer(new, self.log)
+        try:
+            await fresh.open()
+        except (OSError, RuntimeError) as exc:
+            self.log.error("reload_announcer_failed", error=str(exc))
+            await fresh.close()
+            return
+        announcing = bool(self.announcer.status().get("announcing"))
+        await self.announcer.close()
+        self.announcer = fresh
+        if announcing:
+            fresh.start("reload")
 
     # -- resume marker (restart in place) ----------------------------------------
 
