@@ -88,7 +88,7 @@ def cmd_scenario(args: argparse.Namespace) -> int:
             print(f"{name:<16} {desc}")
         return 0
     _root()
-    names = list(scenarios.SCENARIOS) if args.name == "all" else [args.name]
+    names = list(scenarios.ALL) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
         print(f"netns-lab: unknown scenario {unknown[0]!r} (netns-lab scenario list)", file=sys.stderr)
@@ -102,11 +102,7 @@ def cmd_scenario(args: argparse.Namespace) -> int:
             results.append(scenarios.ScenarioResult(name, False, None, 0, f"error: {exc}"))
         print(results[-1].line(), flush=True)
     if len(results) > 1:
-        print(f"\n{'scenario':<16} {'result':<6} {'outage ms':>10} {'bound ms':>9} {'lost':>6}  end state")
-        for r in results:
-            print(f"{r.name:<16} {'PASS' if r.ok else 'FAIL':<6} "
-                  f"{'-' if r.outage_ms is None else f'{r.outage_ms:.0f}':>10} "
-                  f"{'-' if r.bound_ms is None else f'{r.bound_ms:.0f}':>9} {r.lost:>6}  {r.end_state}")
+        print("\n" + scenarios.table(results))
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -93,6 +93,9 @@ class Daemon:
         self.log_path = self.dir / "daemon.log"
         self.proc: topology.Spawned | None = None
         self.starts = 0
+        #: a command wrapper for the next start, e.g. ``["chrt", "-r", "10"]`` (how the
+        #: systemd unit schedules the daemon); it must exec the daemon (same PID)
+        self.command_prefix: list[str] = []
         self.write_config()
 
     def write_config(self) -> None:
@@ -125,7 +128,7 @@ class Daemon:
                                 "start": self.starts + 1}) + "\n")
         self.starts += 1
         t = time.time()
-        self.proc = self.lab.spawn(self.director, [_bin("vipless-failoverd"), "--config", str(self.config_path),
+        self.proc = self.lab.spawn(self.director, [*self.command_prefix, _bin("vipless-failoverd"), "--config", str(self.config_path),
                                                    "--log-format", "json"],
                                    name=f"daemon-{self.tag}", log=self.log_path)
         return t

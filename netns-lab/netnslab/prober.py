@@ -96,8 +96,12 @@ class Prober:
         if entry is None:
             return  # late (after its timeout) or duplicate
         probe, t_mono = entry
+        rtt = time.monotonic() - t_mono
+        if rtt > self.timeout:  # e.g. held in the router's ARP queue: lost for the client
+            probe.error = "late"
+            return
         probe.by = parts[0]
-        probe.rtt_ms = round((time.monotonic() - t_mono) * 1000, 3)
+        probe.rtt_ms = round(rtt * 1000, 3)
 
     async def _tcp_probe(self, idx: int, target: str, seq: int) -> None:
         probe = Probe(target, "tcp", seq, time.time())

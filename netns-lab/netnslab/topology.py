@@ -474,12 +474,14 @@ class Lab:
 
     def start_prober(self, targets: Sequence[str | ipaddress.IPv4Address | ipaddress.IPv6Address], *,
                      out: Path, interval_ms: float = 10.0, count: int = 1000, duration_s: float = 10.0,
-                     timeout_ms: float = 500.0, tcp: bool = False, port: int | None = None) -> Spawned:
+                     timeout_ms: float = 500.0, tcp: bool = False, port: int | None = None,
+                     log: Path | None = None, prefix: Sequence[str] = ()) -> Spawned:
         """Start the prober in the background; its JSON result goes to ``out``
-        (call :func:`read_prober` after it exits)."""
+        (call :func:`read_prober` after it exits). ``log``: its stderr (default
+        ``prober.log``, shared); ``prefix``: a command wrapper such as ``chrt -r 5``."""
         args = prober_args(self, targets, interval_ms=interval_ms, count=count, duration_s=duration_s,
                            timeout_ms=timeout_ms, tcp=tcp, port=port, extra=("--out", str(out)))
-        return self.spawn("client", args, name="prober", log=self.workdir / "prober.log")
+        return self.spawn("client", [*prefix, *args], name="prober", log=log or self.workdir / "prober.log")
 
     # -- inspection -------------------------------------------------------
     def neigh(self, role: str, addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> dict[str, Any] | None:
