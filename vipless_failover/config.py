@@ -87,6 +87,7 @@ class ElectionConfig:
 class ControlConfig:
     socket: Path
     group: str
+    state_dir: Path  # what must survive restarts (maintenance mode)
 
 
 @dataclass(frozen=True)
@@ -415,8 +416,11 @@ def _control(t: _Table) -> ControlConfig:
     if not sock.is_absolute():
         raise ConfigError(t.key("socket"), f"must be an absolute path, got {str(sock)!r}")
     group = t.str("group", default="root")
+    state_dir = Path(t.str("state_dir", default="/var/lib/vipless-failover"))
+    if not state_dir.is_absolute():
+        raise ConfigError(t.key("state_dir"), f"must be an absolute path, got {str(state_dir)!r}")
     t.done()
-    return ControlConfig(socket=sock, group=group)
+    return ControlConfig(socket=sock, group=group, state_dir=state_dir)
 
 
 def _metrics(t: _Table) -> MetricsConfig:

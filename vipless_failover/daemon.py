@@ -77,6 +77,8 @@ class Daemon:
         self.rejected: Counter[str] = Counter()
         self.started_wall = time.time()
         self.runtime_dir = cfg.control.socket.parent
+        self.maintenance_file = cfg.control.state_dir / f"maintenance-{cfg.node.name}"
+        self.maintenance_saved = False
         # operations: notify hooks, tracking, metrics, systemd (see hooks/tracking/metrics/systemd.py)
         self.hooks = NotifyHooks(cfg.notify, cfg.node.name, cfg.election.cluster_id, self.log)
         self.tracker = Tracker(cfg.track, self._on_track_change, self.log, netns=netns)
@@ -132,6 +134,9 @@ class Daemon:
         worker = self.loop.create_task(self._worker(), name="election")
         if not up:
             self.submit_command(fsm.SetFault(f"link:{self.cfg.node.interface}", True))
+        if self.maintenance_file.exists():  # maintenance survives restarts until turned off
+            self.maintenance_saved = True
+            self.submit_command(fsm.SetMaintenance(True))
         self.submit_command(fsm.Start(resume_master=resume))
         self.log.info("started", version=__version__, config=str(self.cfg.path), resume=resume,
                       priority=self.cfg.election.priority, interval_ms=self.cfg.election.advert_interval_ms,
@@ -225,6 +230,18 @@ class Daemon:
         if announcing:
             fresh.start("reload")
 
+    def _save_maintenance(self, on: bool) -> None:
+        try:
+            if on:
+                self.maintenance_file.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                self.maintenance_file.write_text(json.dumps({"since": time.time()}) + "\n")
+            else:
+                self.maintenance_file.unlink(missing_ok=True)
+            self.maintenance_saved = on
+        except OSError as exc:
+            self.log.error("maintenance_persist_failed", file=str(self.maintenance_file), error=str(exc))
+            self.maintenance_saved = on  # reported once; the mode itself is in force
+
     # -- resume marker (restart in place) ----------------------------------------
 
     def _resume_path(self) -> Path:
@@ -316,6 +333,8 @@ class Daemon:
                 actions = []
             await self._execute(actions)
             self._arm_timer()
+            if self.election.maintenance != self.maintenance_saved:
+                self._save_maintenance(self.election.maintenance)
             self._check_waiters()
             self._poll_telemetry()
 

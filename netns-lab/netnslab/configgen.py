@@ -73,7 +73,7 @@ def node_config(lab: "topology.Lab", director: str, settings: NodeSettings, *, k
     doc: dict[str, Any] = {
         "node": {"name": director, "interface": host.iface, "address": str(addr)},
         "election": election,
-        "control": {"socket": str(control_socket)},
+        "control": {"socket": str(control_socket), "state_dir": str(control_socket.parent)},
         "metrics": {"listen": settings.metrics_listen},
         "delivery": {
             "table": 100,

@@ -124,6 +124,8 @@ BAD = [
      "election.drain_max_ms: must be >= drain_margin_ms (500), got 100"),
     ("relative socket", lambda s: s + '[control]\nsocket = "ctl.sock"\n',
      "control.socket: must be an absolute path, got 'ctl.sock'"),
+    ("relative state dir", lambda s: s + '[control]\nstate_dir = "state"\n',
+     "control.state_dir: must be an absolute path, got 'state'"),
     ("bad metrics listen", lambda s: s + '[metrics]\nlisten = "localhost"\n',
      "metrics.listen: must be HOST:PORT or \"\", got 'localhost'"),
     ("reserved table main", lambda s: s + "[delivery]\ntable = 254\n",
