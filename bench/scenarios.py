@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import random
 import socket
 import statistics
 import struct
@@ -309,7 +310,7 @@ TARGETS = ("198.51.100.10",)
 def crash_trial(kind: str, index: int, interval_ms: int, *, lab: topology.Lab) -> Trial:
     variant = f"{interval_ms} ms adverts"
     pair = make_pair(kind, lab, interval_ms)
-    duration = 4.0 if interval_ms < 1000 else 8.0
+    duration = 4.0 if interval_ms < 1000 else 7.0
     master = None
     try:
         pair.start(timeout=10 + 6 * interval_ms / 1000)
@@ -323,7 +324,10 @@ def crash_trial(kind: str, index: int, interval_ms: int, *, lab: topology.Lab) -
             link(lab, master, False)
             return t
 
-        res, t_kill = probe_window(lab, TARGETS, crash, lead_s=0.5, duration_s=duration)
+        # a random phase against the master's advert timer (else the harness's fixed delays
+        # can lock the kill to one point of the advert cycle, differently for each daemon)
+        res, t_kill = probe_window(lab, TARGETS, crash, lead_s=0.5 + random.uniform(0, interval_ms / 1000),
+                                   duration_s=duration + interval_ms / 1000)
         t_dec = pair.decision(backup, t_kill, 2)
         o = outage_after(res, t_kill)
         d = {"master": master, **o, "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1)}
@@ -358,7 +362,8 @@ def graceful_trial(kind: str, index: int, interval_ms: int, how: str, *, lab: to
             threading.Thread(target=pair.cluster[backup].ctl, args=("promote",), daemon=True).start()
             return t
 
-        res, t_ev = probe_window(lab, TARGETS, event, lead_s=0.5, duration_s=3.0)
+        res, t_ev = probe_window(lab, TARGETS, event, lead_s=0.5 + random.uniform(0, interval_ms / 1000),
+                                 duration_s=3.0 + interval_ms / 1000)
         o = outage_after(res, t_ev)
         d = {"master": master, **o}
         if o["seen"]["after_by"] != backup:
@@ -610,6 +615,7 @@ def scale_trial(kind: str, index: int, n: int, mode: str) -> Trial:
             setup_s = time.monotonic() - t0
             watch = NeighWatch(lab.ns("router"), watched, new_mac)
             addrs = AddrWatch(lab.ns(backup)) if kind == "keepalived" else None
+            time.sleep(random.uniform(0, 0.1))  # random phase against the advert timer
             try:
                 t_kill = pair.kill(master)
                 link(lab, master, False)
