@@ -747,6 +747,7 @@ def flood(ctx: ScenarioContext) -> ScenarioResult:
     moves = {d.tag: transitions_between(d, t_f) for d in (a, b)}
     ok_end, end, det = check_end(ctx, a)
     md = master_down_ms(ctx.interval_ms, b.settings.priority) / 1000
+    end += f"; backup CPU {cpu * 100:.0f}% of a core, rejected {sum(rejected.values())}"
     ctx.say(f"flood: {sent.get('total')} frames in {sent.get('elapsed_s')} s {sent.get('sent')}; backup rejected "
             f"{rejected} (total {sum(rejected.values())}); backup CPU {cpu * 100:.0f}% of a core; master last "
             f"seen at most {max(last_seen, default=-1):.3f} s ago; transitions {moves}")
@@ -866,20 +867,21 @@ def pair_restart(ctx: ScenarioContext) -> ScenarioResult:
     converged_ms = (last - t0) * 1000
     bound = max(master_down_ms(ctx.interval_ms, d.settings.priority) for d in ctx.cluster) + 1000
     res = run.result()
-    first = next((p["sent"] for p in sorted(res["probes"], key=lambda p: p["sent"])
-                  if p["by"] and p["sent"] >= t0), None)
+    first = min((p["sent"] + p["rtt_ms"] / 1000 for p in res["probes"] if p["by"] and p["sent"] >= t0 - 0.5),
+                default=None)  # when the first answer arrived
     client_ms = None if first is None else (first - t0) * 1000
     ok_end, end, det = check_end(ctx, master)
+    end += f"; one master at +{converged_ms:.0f} ms"
     moves = {d.tag: [(round(((event_time(e) or 0) - t0) * 1000), e.get("to"), e.get("reason")) for e in d.transitions()]
              for d in ctx.cluster}
     ctx.say(f"both killed (kernel state wiped) and started at t=0: last transition at +{converged_ms:.0f} ms "
-            f"(bound {bound:.0f}); first client answer for a probe sent +{client_ms} ms; transitions {moves}")
+            f"(bound {bound:.0f}); first client answer at +{client_ms:.0f} ms; transitions {moves}")
     return _result("pair-restart", {
         "one_master_within_bound": converged_ms <= bound,
         "client_served": client_ms is not None and client_ms <= bound + ANNOUNCE_ALLOWANCE_MS,
         "end_state": ok_end,
     }, res, end, bound, {**det, "converged_ms": round(converged_ms, 1), "client_ms": client_ms,
-                         "transitions": moves}, outage_ms=converged_ms)
+                         "transitions": moves}, outage_ms=client_ms)
 
 
 # ---------------------------------------------------------------------------
@@ -925,6 +927,7 @@ def starvation(ctx: ScenarioContext) -> ScenarioResult:
     moves = {d.tag: transitions_between(d, t_h) for d in (a, b)}
     ok_end, end, det = check_end(ctx, a)
     limit = 2 * ctx.interval_ms / 1000  # late by at most one interval
+    end += f"; worst advert gap {(worst or 0) * 1000:.0f} ms (limit {limit * 1000:.0f})"
     ctx.say(f"hog {HOG_S:.0f} s on {os.cpu_count()} cores: {len(gaps)} master adverts, worst gap "
             f"{(worst or 0) * 1000:.0f} ms (limit {limit * 1000:.0f}), peer last seen at most "
             f"{max(last_seen, default=-1):.3f} s; transitions {moves}; UDP lost {udp_lost(res)}")
@@ -932,10 +935,11 @@ def starvation(ctx: ScenarioContext) -> ScenarioResult:
         "adverts_seen": len(gaps) >= HOG_S * 1000 / ctx.interval_ms * 0.9,
         "no_advert_late_by_more_than_interval": worst is not None and worst <= limit,
         "no_failover": not any(moves.values()),
+        "no_udp_lost": udp_lost(res) == 0,
         "end_state": ok_end,
-    }, res, end, limit * 1000, {**det, "worst_gap_ms": None if worst is None else round(worst * 1000, 1),
-                                "max_last_seen_s": max(last_seen, default=None), "adverts": len(gaps)},
-        outage_ms=None if worst is None else worst * 1000)
+    }, res, end, None, {**det, "worst_gap_ms": None if worst is None else round(worst * 1000, 1),
+                        "gap_limit_ms": limit * 1000, "max_last_seen_s": max(last_seen, default=None),
+                        "adverts": len(gaps)})
 
 
 # ---------------------------------------------------------------------------
