@@ -29,7 +29,6 @@ from .election import fsm
 from .election.protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
 from .election.transport import AdvertTransport
 from .hooks import NotifyHooks
-from .linkwatch import LinkWatch
 from .log import setup as setup_logging
 from .metrics import MetricsServer, build_registry
 from .nexthop import NextHopAddress
@@ -64,7 +63,6 @@ class Daemon:
         self.nexthop = NextHopAddress(cfg, self.log) if cfg.announce.mode == "next-hop" else None
         self.transport: AdvertTransport | None = None
         self.control: ControlServer | None = None
-        self.links: LinkWatch | None = None
         self.queue: asyncio.Queue[Input] = asyncio.Queue()
         self.timer: asyncio.TimerHandle | None = None
         self.counter = 0
@@ -81,7 +79,8 @@ class Daemon:
         self.maintenance_saved = False
         # operations: notify hooks, tracking, metrics, systemd (see hooks/tracking/metrics/systemd.py)
         self.hooks = NotifyHooks(cfg.notify, cfg.node.name, cfg.election.cluster_id, self.log)
-        self.tracker = Tracker(cfg.track, self._on_track_change, self.log, netns=netns)
+        self.tracker = Tracker(cfg.track, self._on_track_change, self.log, netns=netns,
+                               node_interface=cfg.node.interface)
         self._track_faults: set[str] = set()  # fault items the election has been told about
         self._track_priority = cfg.election.priority
         self.registry, self.telemetry = build_registry(
@@ -116,9 +115,7 @@ class Daemon:
             self.transport = await AdvertTransport.open(self.cfg, self._on_datagram, logger=self.log)
             self.control = ControlServer(self.cfg.control.socket, self.cfg.control.group, self._control, self.log)
             await self.control.start()
-            self.links = LinkWatch(self.cfg.node.interface, self._on_link, self.log)
-            up = await self.links.start()
-            await self.tracker.start()
+            await self.tracker.start()  # node.interface down: SetFault is queued before Start
             self.hooks.start()
             if self.cfg.metrics.listen:
                 self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port,
@@ -132,8 +129,6 @@ class Daemon:
             self.loop.add_signal_handler(sig, self._signal_stop, sig)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
         worker = self.loop.create_task(self._worker(), name="election")
-        if not up:
-            self.submit_command(fsm.SetFault(f"link:{self.cfg.node.interface}", True))
         if self.maintenance_file.exists():  # maintenance survives restarts until turned off
             self.maintenance_saved = True
             self.submit_command(fsm.SetMaintenance(True))
@@ -166,8 +161,6 @@ class Daemon:
         # the transitions of a graceful stop are reported too, within the hooks' timeout
         # but never holding the exit longer than SHUTDOWN_HOOK_GRACE_S
         await self.hooks.close(grace=min(self.cfg.notify.timeout_ms / 1000.0, SHUTDOWN_HOOK_GRACE_S))
-        if self.links is not None:
-            self.links.close()
         if self.control is not None:
             await self.control.close()
         if self.transport is not None:
@@ -208,7 +201,8 @@ class Daemon:
         await self.hooks.reconfigure(new.notify)
         if new.track != self.tracker.cfg:
             await self.tracker.close()
-            self.tracker = Tracker(new.track, self._on_track_change, self.log, netns=self.netns)
+            self.tracker = Tracker(new.track, self._on_track_change, self.log, netns=self.netns,
+                                   node_interface=new.node.interface)
             await self.tracker.start()
             self._on_track_change()  # items no longer configured stop counting
         self.log.info("reloaded", config=str(new.path))
@@ -280,10 +274,6 @@ class Daemon:
         if msg.config_digest != self.digest:
             self.rejected["config_digest_mismatch"] += 1  # reported, not fatal
         self.queue.put_nowait(Input("advert", msg, src))
-
-    def _on_link(self, up: bool) -> None:
-        self.log.info("link", interface=self.cfg.node.interface, up=up)
-        self.submit_command(fsm.SetFault(f"link:{self.cfg.node.interface}", not up))
 
     def submit_command(self, cmd: fsm.Command) -> None:
         self.queue.put_nowait(Input("command", cmd))
@@ -451,11 +441,7 @@ class Daemon:
             "announce": self.announcer.status(),
             "transport": self.transport.counters() if self.transport is not None else {},
             "cluster_id": self.cfg.election.cluster_id,
-            "tracked": [{"name": f"link:{self.cfg.node.interface}", "kind": "interface",
-                         "state": {True: "ok", False: "failed", None: "unknown"}[
-                             self.links.up if self.links is not None else None],
-                         "weight": 0, "effect": "fault", "detail": "node interface", "results": {}},
-                        *self.tracker.status()],
+            "tracked": self.tracker.status(),
             "notify": self.hooks.status(),
             "notices": {k[len("notice_"):]: v for k, v in self.stats.items() if k.startswith("notice_")},
             "control": {"refused": self.control.refused if self.control is not None else 0},

@@ -9,10 +9,10 @@ never below 1). Items are named ``check:NAME`` and ``link:IFNAME``.
   success. The first result decides the state at once; after that ``fall``
   consecutive failures mark the item failed and ``rise`` consecutive successes mark
   it ok again. Until the first result the item is ``unknown`` and counts as ok.
-* Extra interfaces (``[[track.interface]]``) follow netlink link events
-  (RTMGRP_LINK), not polling; up means IFF_UP and IFF_LOWER_UP. A missing interface
-  is down, and is picked up when it appears. (The node's own interface is tracked by
-  :mod:`vipless_failover.linkwatch` and always forces FAULT.)
+* Interfaces follow netlink link events (RTMGRP_LINK), not polling; up means IFF_UP
+  and IFF_LOWER_UP. A missing interface is down, and is picked up when it appears.
+  The node's own interface (``node.interface``) is always tracked, as a fault item;
+  extra ones come from ``[[track.interface]]``.
 
 :class:`Tracker` calls ``on_change()`` (no arguments) whenever an item's state
 changes; the daemon then asks :meth:`Tracker.faults` and
@@ -95,9 +95,20 @@ class Item:
                 "results": dict(self.results)}
 
 
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+
+
+def link_is_up(msg: Any) -> bool:
+    """Administratively up and carrier present (a veth whose peer is down, or a pulled
+    cable, is down)."""
+    flags = msg["flags"]
+    return bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
+
+
 class Tracker:
     def __init__(self, cfg: TrackConfig, on_change: Callable[[], None], log: Any,
-                 netns: str | None = None):
+                 netns: str | None = None, node_interface: str | None = None):
         self.cfg = cfg
         self.on_change = on_change
         self.log = log
@@ -109,6 +120,10 @@ class Tracker:
             self.items[name] = Item(name, "check", c.weight, CheckState(rise=c.rise, fall=c.fall))
             self._checks[name] = c
         self._ifaces: dict[str, Item] = {}
+        if node_interface is not None:  # adverts go nowhere without it: always a fault item
+            item = Item(f"link:{node_interface}", "interface", 0, detail="node interface")
+            self.items[item.name] = item
+            self._ifaces[node_interface] = item
         for i in cfg.interfaces:
             item = Item(f"link:{i.name}", "interface", i.weight)
             self.items[item.name] = item
@@ -198,7 +213,7 @@ class Tracker:
             if name in self._ifaces:
                 seen.add(name)
                 self._index[link["index"]] = name
-                self._link_event(name, _link_up(link))
+                self._link_event(name, link_is_up(link))
         for name in self._ifaces:
             if name not in seen:
                 self._link_event(name, False, "no such interface")
@@ -239,13 +254,9 @@ class Tracker:
                 self._link_event(old, False, f"renamed to {name}")
             return
         self._index[index] = name
-        self._link_event(name, _link_up(msg))
+        self._link_event(name, link_is_up(msg))
 
 
-def _link_up(msg: Any) -> bool:
-    from .linkwatch import link_is_up
-
-    return link_is_up(msg)
 
 
-__all__ = ["CheckState", "Item", "Tracker", "effective_priority", "TrackCheck", "TrackInterface"]
+__all__ = ["CheckState", "Item", "Tracker", "effective_priority", "link_is_up", "TrackCheck", "TrackInterface"]
