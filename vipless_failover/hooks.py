@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .config import NotifyConfig
+from .aio import cancel_and_wait
 
 QUEUE_MAX = 64
 RESULTS = ("ok", "failed", "timeout", "error", "dropped")
@@ -153,12 +154,6 @@ class NotifyHooks:
                 await asyncio.wait_for(asyncio.gather(*(q.join() for q in self._queues)), grace)
             except asyncio.TimeoutError:
                 pass
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         self._queues.clear()

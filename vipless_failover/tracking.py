@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 
 from .config import TrackCheck, TrackConfig, TrackInterface
 from .hooks import run_command
+from .aio import cancel_and_wait
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
 
@@ -153,13 +154,7 @@ class Tracker:
             self._tasks.append(loop.create_task(self._run_check(self.items[name], check), name=name))
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._ipr is not None:
             self._ipr.close()

@@ -43,6 +43,7 @@ from ..config import Config
 from . import desired as d
 from .marks import MarkTable, MarkTableError
 from .rules import DeliveryError, DeliveryRules
+from ..aio import cancel_and_wait
 
 try:  # written in parallel (IPVS through generic netlink); optional on purpose
     from . import ipvs as _ipvs
@@ -163,13 +164,7 @@ class Dataplane:
         self._started = False
 
     async def _stop_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         self._stop_watching()
 
