@@ -58,7 +58,9 @@ class Daemon:
         self.digest = cfg.shared_digest()[:16]
         self.election = fsm.Election(fsm.Params.from_config(cfg, self.digest))
         self.decoder = AdvertDecoder(key, cfg.election.cluster_id)
-        self.dataplane = Dataplane(cfg, self.log)
+        self.runtime_dir = cfg.control.socket.parent
+        # the IPVS ownership record lives beside the control socket: one per daemon
+        self.dataplane = Dataplane(cfg, self.log, ipvs_owned_path=self.runtime_dir / "ipvs-owned.json")
         self.announcer = Announcer(cfg, self.log)
         self.nexthop = NextHopAddress(cfg, self.log) if cfg.announce.mode == "next-hop" else None
         self.transport: AdvertTransport | None = None
@@ -74,7 +76,6 @@ class Daemon:
         self.stats: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.started_wall = time.time()
-        self.runtime_dir = cfg.control.socket.parent
         self.maintenance_file = cfg.control.state_dir / f"maintenance-{cfg.node.name}"
         self.maintenance_saved = False
         # operations: notify hooks, tracking, metrics, systemd (see hooks/tracking/metrics/systemd.py)

@@ -39,16 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..aio import cancel_and_wait
 from ..config import Config
 from . import desired as d
+from . import ipvs as _ipvs
 from .marks import MarkTable, MarkTableError
 from .rules import DeliveryError, DeliveryRules
-from ..aio import cancel_and_wait
-
-try:  # written in parallel (IPVS through generic netlink); optional on purpose
-    from . import ipvs as _ipvs
-except ImportError:  # pragma: no cover
-    _ipvs = None  # type: ignore[assignment]
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -75,7 +71,7 @@ class Dataplane:
         self.delivery: bool | None = None
         self._rules = DeliveryRules(netns)
         self._marks = MarkTable(d.NFT_TABLE, netns)
-        if ipvs_owned_path is None and _ipvs is not None:
+        if ipvs_owned_path is None:
             ipvs_owned_path = _ipvs.DEFAULT_OWNED_PATH
             if netns is not None:
                 ipvs_owned_path = ipvs_owned_path.with_name(f"ipvs-owned-{netns}.json")
@@ -111,16 +107,15 @@ class Dataplane:
         self._trigger = asyncio.Event()
         await self._rules.open()
         self._started = True
-        if _ipvs is not None:
-            self._ipvs = _ipvs.IpvsServices(netns=self.netns, owned_path=self._ipvs_owned_path)
-            try:
-                self.ipvs_available = await asyncio.to_thread(self._ipvs.available)
-            except Exception as exc:  # noqa: BLE001 - reported, the rest runs
-                self.ipvs_available = False
-                self.log.error("ipvs_error", error=str(exc))
+        self._ipvs = _ipvs.IpvsServices(netns=self.netns, owned_path=self._ipvs_owned_path)
+        try:
+            self.ipvs_available = await asyncio.to_thread(self._ipvs.available)
+        except Exception as exc:  # noqa: BLE001 - reported, the rest runs
+            self.ipvs_available = False
+            self.log.error("ipvs_error", error=str(exc))
         if not self.ipvs_available:
-            msg = _ipvs.UNAVAILABLE_MESSAGE if _ipvs is not None else "IPVS support not installed"
-            self.log.warning("ipvs_unavailable", message=msg, services_configured=len(self.cfg.ipvs))
+            self.log.warning("ipvs_unavailable", message=_ipvs.UNAVAILABLE_MESSAGE,
+                             services_configured=len(self.cfg.ipvs))
         await self._reconcile("start", ALL_PARTS)
         await self._start_watching()
         self._tasks.append(asyncio.create_task(self._runner(), name="dataplane-reconcile"))
@@ -279,7 +274,7 @@ class Dataplane:
         return applied
 
     async def _ipvs_pass(self, errors: list[str]) -> int:
-        assert _ipvs is not None and self._ipvs is not None
+        assert self._ipvs is not None
         state = _ipvs.desired_ipvs(self.cfg) if self._warm else _ipvs.IpvsState()
         try:
             ops = await asyncio.to_thread(self._ipvs.reconcile, state)
