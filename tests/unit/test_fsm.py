@@ -110,6 +110,15 @@ def test_master_adverts_every_interval():
     assert gaps == pytest.approx([0.1] * 9)
 
 
+def test_backup_adverts_once_a_second_master_every_interval():
+    sim = elected_pair()
+    sim.run_for(5.0)
+    b_times = [t for t, n, a in sim.adverts if n == "b" and t > 2.0]
+    gaps = [y - x for x, y in zip(b_times, b_times[1:])]
+    assert gaps and all(g == pytest.approx(fsm.BACKUP_ADVERT_PERIOD_S) for g in gaps)
+    assert sim["a"].election.status(sim.now)["peers"][0]["last_seen_s"] <= fsm.BACKUP_ADVERT_PERIOD_S
+
+
 # -- graceful stop and hand-over ---------------------------------------------------
 
 

@@ -200,6 +200,11 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 }
 
 
+#: Backups advertise too (so the master knows its live successors, and status shows
+#: them), but at most once per this many seconds: at 100 ms adverts that halves an
+#: idle pair's wake-ups. Only MASTER adverts feed the master-down timer.
+BACKUP_ADVERT_PERIOD_S = 1.0
+
 #: takeover requests a preempting backup sends before it falls back to RFC 5798
 #: preemption (ignoring the lower-priority master's adverts until its timer expires)
 PREEMPT_REQUESTS = 3
@@ -309,6 +314,10 @@ class Election:
     def interval(self) -> float:
         return self.p.advert_interval_ms / 1000.0
 
+    @property
+    def backup_period(self) -> float:
+        return max(self.interval, BACKUP_ADVERT_PERIOD_S)
+
     def skew(self, priority: int | None = None) -> float:
         prio = self.priority if priority is None else priority
         return ((256 - prio) * self.master_interval_ms / 256.0) / 1000.0
@@ -357,7 +366,7 @@ class Election:
             actions += self._enter_master(now, why)
         elif new is State.BACKUP:
             self._arm_master_down(now)
-            self.advert_at = now + self.interval
+            self.advert_at = now + self.backup_period
             if old is State.MASTER:
                 actions.append(StopAnnounce())
                 self.master = None
@@ -396,9 +405,10 @@ class Election:
         self.master_down_at = now + max(self.master_down_interval(), at_least)
 
     def _live_backups(self, now: float) -> list[Peer]:
-        horizon = 3 * self.interval + self.skew(1)
+        def horizon(p: Peer) -> float:  # three of the peer's backup adverts, plus slack
+            return 3 * max(p.advert_interval_ms / 1000.0, BACKUP_ADVERT_PERIOD_S) + self.interval
         return [p for p in self.peers.values()
-                if p.state is State.BACKUP and p.priority > 0 and now - p.last_seen <= horizon]
+                if p.state is State.BACKUP and p.priority > 0 and now - p.last_seen <= horizon(p)]
 
     def _best_backup(self, now: float) -> Peer | None:
         live = self._live_backups(now)
@@ -417,7 +427,7 @@ class Election:
         actions.append(SendAdvert(State.BACKUP, prio, flags, successor))
         actions.append(Notice("handover", successor, event.value))
         # do not send a plain BACKUP advert right away: the HANDOVER one is what peers need
-        self.advert_at = now + self.interval
+        self.advert_at = now + self.backup_period
         # if the successor never shows up, take back over after the full master-down time
         self.master_down_at = now + self.master_down_interval()
         return actions
@@ -568,8 +578,9 @@ class Election:
             elif now >= self.request_at:
                 actions += self._request_takeover(now, "promote")
         if self.advert_at is not None and now >= self.advert_at and self.state in (State.MASTER, State.BACKUP):
+            period = self.interval if self.state is State.MASTER else self.backup_period
             behind = now - self.advert_at
-            self.advert_at = (self.advert_at + self.interval) if behind < self.interval else now + self.interval
+            self.advert_at = (self.advert_at + period) if behind < period else now + period
             if self.drain is None or self.drain.heard is not None:
                 actions.append(self._advert())
         return actions
