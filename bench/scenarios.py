@@ -693,7 +693,10 @@ class CostSession:
         self.error = ""
         bound = scale_bound_s(n)
         if kind == "ours":
-            self.pair: Pair = OursPair(self.lab, 100, vips=vip_config(n) if n > 2 else None)
+            # the same announce rate as the scale figure, so that the takeover schedule
+            # (burst + repeats) is over before measuring: this figure is the cost at rest
+            self.pair: Pair = OursPair(self.lab, 100, vips=vip_config(n) if n > 2 else None,
+                                       rate_pps=SCALE_RATE_PPS)
         else:
             self.pair = KaPair(self.lab, 100, vips=vip_set(n) if n > 2 else None)
         try:
@@ -701,6 +704,19 @@ class CostSession:
         except topology.LabError as exc:
             self.error = f"set-up: no master within {bound:.0f} s"
         time.sleep(settle_s)
+        if kind == "ours" and not self.error:
+            self._wait_announcements_done(bound)
+
+    def _wait_announcements_done(self, bound: float) -> None:
+        """Wait (bounded) until the master's announcement schedule has ended."""
+        end = time.monotonic() + bound
+        while time.monotonic() < end:
+            master = self.pair.master()
+            st = self.pair.status(master) if master else None
+            if st and not (st.get("announce") or {}).get("burst_running"):
+                return
+            time.sleep(0.5)
+        self.error = f"set-up: announcements still running after {bound:.0f} s"
 
     def measure(self, index: int, window_s: float) -> list[Trial]:
         if self.error:
