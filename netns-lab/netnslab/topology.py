@@ -377,6 +377,35 @@ class Lab:
                                         "addr6": str(h.addr6)} for r, h in self.hosts.items()}
         self._save_state()
 
+    def add_real_server(self, role: str, n: int, vips: Sequence[str] = ("198.51.100.10", "198.51.100.11"),
+                        conn_port: int | None = 8) -> Host:
+        """An IPVS direct-routing real server on the LAN (VM tier): namespace ``role``,
+        192.0.2.``n``, the ``vips`` on its ``lo`` (arp_ignore=1 / arp_announce=2 keep it
+        silent for them), default route via the router, the responder on the lab port
+        and, with ``conn_port``, the long-lived echo server of :mod:`netnslab.conns`."""
+        self._add_ns(role)
+        d_if, port = self.link("eth0"), self.link("p-" + role[-3:])
+        self._veth(role, d_if, "lan", port)
+        self._bridge_port(port)
+        a4 = ipaddress.ip_interface(f"192.0.2.{n}/24")
+        a6 = ipaddress.ip_interface(f"2001:db8:1::{n}/64")
+        for key in ("all", "default"):
+            self.sysctl(role, f"net.ipv4.conf.{key}.arp_ignore", "1")
+            self.sysctl(role, f"net.ipv4.conf.{key}.arp_announce", "2")
+        self._addr(role, d_if, a4, a6)
+        self.ip(role, "route", "add", "default", "via", str(ROUTER_LAN4.ip))
+        for v in vips:
+            self.ip(role, "addr", "add", f"{v}/32", "dev", "lo")
+        self.hosts[role] = Host(role, self.ns(role), d_if, a4, a6)
+        self._wait_carrier()
+        self.start_responder(role)
+        if conn_port is not None:
+            log = self.workdir / f"conns-{role}.log"
+            sp = self.spawn(role, [self.python, "-m", "netnslab.conns", "server", "--name", role,
+                                   "--port", str(conn_port), "--lifetime", "3600"], name=f"conns-{role}", log=log)
+            self._wait_listening(role, sp)
+        return self.hosts[role]
+
     def _wait_carrier(self, timeout: float = 10.0) -> None:
         """Wait until every lab link is operationally up (carrier reaches a veth's
         peer asynchronously, through the kernel's linkwatch, up to ~1 s later)."""
