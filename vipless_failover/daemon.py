@@ -45,7 +45,6 @@ class Input:
     kind: str  # "advert" | "timer" | "command"
     payload: Any = None
     src: Any = None
-    reply: asyncio.Future | None = None
 
 
 class Daemon:
@@ -65,7 +64,9 @@ class Daemon:
         self.nexthop = NextHopAddress(cfg, self.log) if cfg.announce.mode == "next-hop" else None
         self.transport: AdvertTransport | None = None
         self.control: ControlServer | None = None
-        self.queue: asyncio.Queue[Input] = asyncio.Queue()
+        self.queue: deque[Input] = deque()  # inputs waiting while actions await the kernel
+        self._busy = False
+        self._pending: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.counter = 0
         self.exit_code: int | None = None
@@ -129,7 +130,6 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._signal_stop, sig)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
-        worker = self.loop.create_task(self._worker(), name="election")
         if self.maintenance_file.exists():  # maintenance survives restarts until turned off
             self.maintenance_saved = True
             self.submit_command(fsm.SetMaintenance(True))
@@ -141,11 +141,10 @@ class Daemon:
         self.notifier.ready(self._systemd_status())
         self.notifier.start_watchdog()
         await self.done.wait()
-        worker.cancel()
-        try:
-            await worker
-        except asyncio.CancelledError:
-            pass
+        if self._pending is not None:  # Exit came from it: let it finish what it does
+            await asyncio.gather(self._pending, return_exceptions=True)
+        self.queue.clear()
+        self._busy = True  # nothing more reaches the election
         await self._shutdown_io(withdraw=not self.exit_restart)
         if self.exit_restart:
             self._write_resume_marker()
@@ -274,10 +273,10 @@ class Daemon:
             return
         if msg.config_digest != self.digest:
             self.rejected["config_digest_mismatch"] += 1  # reported, not fatal
-        self.queue.put_nowait(Input("advert", msg, src))
+        self._input(Input("advert", msg, src))
 
     def submit_command(self, cmd: fsm.Command) -> None:
-        self.queue.put_nowait(Input("command", cmd))
+        self._input(Input("command", cmd))
 
     def _on_track_change(self) -> None:
         """Tell the election what tracking now says: fault items and the effective priority."""
@@ -306,71 +305,121 @@ class Daemon:
             self.timer = None
         deadline = self.election.next_deadline()
         if deadline is not None:
-            self.timer = self.loop.call_at(deadline, lambda: self.queue.put_nowait(Input("timer")))
+            self.timer = self.loop.call_at(deadline, self._input, Input("timer"))
 
-    async def _worker(self) -> None:
-        while True:
-            item = await self.queue.get()
-            now = self.now()
+    # -- processing: one input at a time, in order -------------------------------
+    #
+    # An input is handled at once, in the callback that brought it (no extra loop
+    # iteration: an idle pair wakes only for its adverts). Actions that must wait for
+    # the kernel (delivery rules, the next-hop address) continue in a task; inputs
+    # arriving meanwhile queue up behind them, so the order never changes.
+
+    def _input(self, item: Input) -> None:
+        self.queue.append(item)
+        if not self._busy:
+            self._process()
+
+    def _process(self) -> None:
+        self._busy = True
+        while self.queue:
             try:
-                if item.kind == "advert":
-                    actions = self.election.handle_advert(item.payload, item.src, now)
-                elif item.kind == "timer":
-                    actions = self.election.handle_timer(now)
+                actions = self._call_fsm(self.queue.popleft())
+                if any(self._needs_await(a) for a in actions):
+                    self._pending = self.loop.create_task(self._process_async(actions), name="election")
+                    return  # still busy: the task carries on with the queue
+                for action in actions:
+                    self._do(action)
+                self._after_input()
+            except Exception:  # a bug must not stop the election: log it, go on
+                self.log.exception("internal_error")
+        self._busy = False
+
+    async def _process_async(self, actions: list[fsm.Action]) -> None:
+        try:
+            for action in actions:
+                if self._needs_await(action):
+                    await self._do_async(action)
                 else:
-                    actions = self.election.handle_command(item.payload, now)
-            except fsm.LocalError as exc:
-                self.log.error("election_misuse", error=str(exc))
-                actions = []
-            await self._execute(actions)
-            self._arm_timer()
-            if self.election.maintenance != self.maintenance_saved:
-                self._save_maintenance(self.election.maintenance)
-            self._check_waiters()
-            self._poll_telemetry()
+                    self._do(action)
+            self._after_input()
+        except Exception:  # noqa: BLE001
+            self.log.exception("internal_error")
+        finally:
+            self._busy = False
+            self._pending = None
+        if self.queue:
+            self._process()
+
+    def _call_fsm(self, item: Input) -> list[fsm.Action]:
+        now = self.now()
+        try:
+            if item.kind == "advert":
+                return self.election.handle_advert(item.payload, item.src, now)
+            if item.kind == "timer":
+                return self.election.handle_timer(now)
+            return self.election.handle_command(item.payload, now)
+        except fsm.LocalError as exc:
+            self.log.error("election_misuse", error=str(exc))
+            return []
+
+    def _after_input(self) -> None:
+        self._arm_timer()
+        if self.election.maintenance != self.maintenance_saved:
+            self._save_maintenance(self.election.maintenance)
+        self._check_waiters()
+        self._poll_telemetry()
 
     # -- actions -----------------------------------------------------------------
 
-    async def _execute(self, actions: list[fsm.Action]) -> None:
-        for action in actions:
-            match action:
-                case fsm.SendAdvert():
-                    self._send(action)
-                case fsm.Transition(old=old, new=new, reason=reason):
-                    self._transition(old, new, reason)
-                case fsm.InstallDelivery():
-                    await self.dataplane.set_delivery(True)
-                    self.telemetry.on_delivery_installed(time.monotonic(),
-                                                         announcing=self.cfg.announce.mode != "none")
-                case fsm.WithdrawDelivery():
-                    await self.dataplane.set_delivery(False)
-                case fsm.StartAnnounce(reason=reason):
-                    if self.nexthop is not None:
-                        try:
-                            await self.nexthop.add()
-                        except Exception as exc:  # noqa: BLE001 - reported; the election goes on
-                            self.log.error("next_hop_error", error=str(exc))
-                    self.announcer.start(reason)
-                case fsm.StopAnnounce():
-                    self.announcer.stop()
-                    if self.nexthop is not None:
-                        try:
-                            await self.nexthop.remove()
-                        except Exception as exc:  # noqa: BLE001
-                            self.log.error("next_hop_error", error=str(exc))
-                case fsm.Exit(restart=restart):
-                    self.exit_restart = restart
-                    self.exit_code = EXIT_OK
-                    self.done.set()
-                case fsm.Refused(command=command, reason=reason):
-                    self.log.warning("command_refused", command=command, reason=reason)
-                    self._fail_waiters(command, reason)
-                case fsm.Notice(kind=kind, peer=peer, detail=detail):
-                    self.stats[f"notice_{kind}"] += 1
-                    if kind == "split_brain":
-                        self.telemetry.on_split_brain(time.monotonic())
-                    level = "warning" if kind in ("split_brain", "config_mismatch") else "info"
-                    getattr(self.log, level)(kind, peer=peer, detail=detail)
+    def _needs_await(self, action: fsm.Action) -> bool:
+        if isinstance(action, (fsm.InstallDelivery, fsm.WithdrawDelivery)):
+            return True
+        return self.nexthop is not None and isinstance(action, (fsm.StartAnnounce, fsm.StopAnnounce))
+
+    async def _do_async(self, action: fsm.Action) -> None:
+        match action:
+            case fsm.InstallDelivery():
+                await self.dataplane.set_delivery(True)
+                self.telemetry.on_delivery_installed(time.monotonic(),
+                                                     announcing=self.cfg.announce.mode != "none")
+            case fsm.WithdrawDelivery():
+                await self.dataplane.set_delivery(False)
+            case fsm.StartAnnounce(reason=reason):
+                try:
+                    await self.nexthop.add()
+                except Exception as exc:  # noqa: BLE001 - reported; the election goes on
+                    self.log.error("next_hop_error", error=str(exc))
+                self.announcer.start(reason)
+            case fsm.StopAnnounce():
+                self.announcer.stop()
+                try:
+                    await self.nexthop.remove()
+                except Exception as exc:  # noqa: BLE001
+                    self.log.error("next_hop_error", error=str(exc))
+
+    def _do(self, action: fsm.Action) -> None:
+        match action:
+            case fsm.SendAdvert():
+                self._send(action)
+            case fsm.Transition(old=old, new=new, reason=reason):
+                self._transition(old, new, reason)
+            case fsm.StartAnnounce(reason=reason):
+                self.announcer.start(reason)
+            case fsm.StopAnnounce():
+                self.announcer.stop()
+            case fsm.Exit(restart=restart):
+                self.exit_restart = restart
+                self.exit_code = EXIT_OK
+                self.done.set()
+            case fsm.Refused(command=command, reason=reason):
+                self.log.warning("command_refused", command=command, reason=reason)
+                self._fail_waiters(command, reason)
+            case fsm.Notice(kind=kind, peer=peer, detail=detail):
+                self.stats[f"notice_{kind}"] += 1
+                if kind == "split_brain":
+                    self.telemetry.on_split_brain(time.monotonic())
+                level = "warning" if kind in ("split_brain", "config_mismatch") else "info"
+                getattr(self.log, level)(kind, peer=peer, detail=detail)
 
     def _send(self, action: fsm.SendAdvert) -> None:
         if self.transport is None:
