@@ -196,8 +196,8 @@ def master_kill(ctx: ScenarioContext) -> ScenarioResult:
 #: every VIP the scenarios probe: two IPv4 and one IPv6
 ALL_VIPS: tuple[str, ...] = tuple(str(v) for v in topology.DEFAULT_VIPS)
 DELIVERY_OPS = ("AddRule", "DeleteRule", "AddRoute", "DeleteRoute")
-#: CPU hog length (issue: 60 s; CI runs 20 s, set NETNS_LAB_HOG_S=60 for the full run)
-HOG_S = float(os.environ.get("NETNS_LAB_HOG_S", "20"))
+#: CPU hog length: 60 s, as the issue asks (NETNS_LAB_HOG_S shortens it for a quick local run)
+HOG_S = float(os.environ.get("NETNS_LAB_HOG_S", "60"))
 #: scheduling of the daemons in the starvation scenario, as the systemd unit runs them
 #: (CPUSchedulingPolicy=rr, priority 10)
 DAEMON_RT = ["chrt", "-r", "10"]
