@@ -145,8 +145,10 @@ class Daemon:
             await asyncio.gather(self._pending, return_exceptions=True)
         self.queue.clear()
         self._busy = True  # nothing more reaches the election
+        # a restarting backup withdraws nothing either (it holds no delivery rules);
+        # only a master leaves the marker that makes the next process resume as master
         await self._shutdown_io(withdraw=not self.exit_restart)
-        if self.exit_restart:
+        if self.exit_restart and self.election.state is State.MASTER:
             self._write_resume_marker()
         self.log.info("stopped", restart=self.exit_restart)
         return self.exit_code or EXIT_OK
