@@ -24,6 +24,7 @@ from typing import Any
 from . import __version__, config as config_mod
 from .announce import Announcer, check_interface
 from .control import ControlError, ControlServer, Peer
+from .dataplane.ipvs import missing_schedulers
 from .dataplane.reconcile import Dataplane
 from .election import fsm
 from .election.protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
@@ -108,6 +109,9 @@ class Daemon:
         try:
             # pyroute2's synchronous API runs its own loop: keep it off ours
             await asyncio.to_thread(check_interface, self.cfg)
+            for key, sched in missing_schedulers(self.cfg):  # before anything is applied
+                raise config_mod.ConfigError(key, f"scheduler {sched!r} is not available in this kernel "
+                                                  f"(no ip_vs_{sched} module)", self.cfg.path)
         except config_mod.ConfigError as exc:
             print(f"vipless-failoverd: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -299,3 +299,38 @@ def test_unavailable_without_ipvs_is_reported_not_raised() -> None:
         pytest.skip("this kernel has IPVS")
     with pytest.raises(ipvs.IpvsUnavailable, match="IPVS is not available"):
         services.read()
+
+
+# -- schedulers the kernel lacks: a config error before anything is applied --------
+
+
+def _sched_cfg(*schedulers: str):
+    from vipless_failover import config as config_mod
+    services = [{"fwmark": i + 1, "scheduler": s} for i, s in enumerate(schedulers)]
+    return config_mod.parse({
+        "node": {"name": "d", "interface": "eth0", "address": "192.0.2.11"},
+        "election": {"cluster_id": 1, "priority": 100, "key_file": "/k"},
+        "ipvs": {"services": services},
+    })
+
+
+def test_missing_schedulers_from_the_kernel_module_lists(tmp_path):
+    from vipless_failover.dataplane.ipvs import missing_schedulers
+    mods = tmp_path / "modules" / "6.1.0-test"
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text(
+        "kernel/net/netfilter/ipvs/ip_vs_rr.ko: kernel/net/netfilter/ipvs/ip_vs.ko\n"
+        "kernel/net/netfilter/ipvs/ip_vs_wrr.ko.xz: kernel/net/netfilter/ipvs/ip_vs.ko\n")
+    (mods / "modules.builtin").write_text("kernel/net/netfilter/ipvs/ip_vs_sh.ko\n")
+    sysmod = tmp_path / "sys_module"
+    (sysmod / "ip_vs_lc").mkdir(parents=True)  # loaded
+    cfg = _sched_cfg("rr", "wrr", "sh", "lc", "twos", "mh")
+    missing = missing_schedulers(cfg, release="6.1.0-test", modules_root=tmp_path / "modules",
+                                 sys_module=sysmod)
+    assert missing == [("ipvs.services[4].scheduler", "twos"), ("ipvs.services[5].scheduler", "mh")]
+
+
+def test_missing_schedulers_says_nothing_without_module_lists(tmp_path):
+    from vipless_failover.dataplane.ipvs import missing_schedulers
+    assert missing_schedulers(_sched_cfg("twos"), release="none", modules_root=tmp_path,
+                              sys_module=tmp_path) == []

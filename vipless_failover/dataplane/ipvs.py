@@ -331,6 +331,31 @@ def netmask_prefixlen(family: int, value: str | None) -> int:
 # errors
 
 
+def missing_schedulers(cfg: "Config", release: str | None = None,
+                       modules_root: Path = Path("/lib/modules"), sys_module: Path = Path("/sys/module")
+                       ) -> list[tuple[str, str]]:
+    """Schedulers the config names that this kernel cannot load: ``(key path, scheduler)``.
+
+    A scheduler is there when its module is loaded (``/sys/module/ip_vs_NAME``), built
+    in (``modules.builtin``) or installed (``modules.dep``). Where the kernel's module
+    lists are absent (a container, a custom kernel) nothing can be told and nothing is
+    reported: the kernel's own error then names the scheduler at apply time."""
+    rel = release if release is not None else os.uname().release
+    base = modules_root / rel
+    try:
+        listed = (base / "modules.dep").read_text()
+        listed += (base / "modules.builtin").read_text() if (base / "modules.builtin").exists() else ""
+    except OSError:
+        return []
+    missing = []
+    for i, svc in enumerate(cfg.ipvs):
+        mod = f"ip_vs_{svc.scheduler}"
+        if (sys_module / mod).exists() or f"/{mod}.ko" in listed:
+            continue
+        missing.append((f"ipvs.services[{i}].scheduler", svc.scheduler))
+    return missing
+
+
 class IpvsError(Exception):
     """An IPVS operation failed; ``op`` is the operation (None for reads)."""
 
