@@ -163,3 +163,57 @@ def test_real_server_in_namespace_without_routes_gives_clear_error(netns: Namesp
     assert ipvs.read_owned(tmp_path / "o.json") == {(4, 1), (6, 2)}  # remembered although half-applied
     services.remove_owned()
     assert ipvsadm_ln(ns) == {}
+
+
+def test_daemon_refuses_a_scheduler_the_kernel_lacks_and_applies_nothing(netns: Namespaces,
+                                                                         tmp_path: Path) -> None:
+    """Debian's 6.1 kernel has no ip_vs_twos: a clear config error (exit 2) before
+    anything is applied (no IPVS service, no nft table, no rule or route of ours)."""
+    import os
+    import sys
+    ns = netns("director")
+    nsexec(ns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    for dev in ("eth0", "eth1"):
+        nsexec(ns, "ip", "link", "set", dev, "up")
+    nsexec(ns, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
+    key = tmp_path / "key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o600)
+    cfg = tmp_path / "director.toml"
+    cfg.write_text(f"""
+[node]
+name = "a"
+interface = "eth0"
+address = "192.0.2.11"
+[election]
+cluster_id = 51
+priority = 150
+key_file = "{key}"
+[control]
+socket = "{tmp_path}/control.sock"
+state_dir = "{tmp_path}"
+[metrics]
+listen = ""
+[[delivery.rules]]
+fwmark = 1
+[[marks]]
+name = "web"
+fwmark = 1
+destinations = ["198.51.100.0/24"]
+[[ipvs.services]]
+fwmark = 1
+scheduler = "twos"
+[announce]
+mode = "none"
+""")
+    daemon = os.path.join(os.path.dirname(sys.executable), "vipless-failoverd")
+    p = nsexec(ns, daemon, "--config", str(cfg), check=False, timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert (f"{cfg}: ipvs.services[0].scheduler: scheduler 'twos' is not available in this kernel "
+            "(no ip_vs_twos module)") in p.stderr
+    assert ipvsadm_ln(ns) == {}
+    assert "vipless_failover" not in nsexec(ns, "nft", "list", "tables").stdout
+    assert "proto 98" not in nsexec(ns, "ip", "rule", "show").stdout
+    routes = nsexec(ns, "ip", "route", "show", "table", "100", check=False)
+    # no route of ours: the table is empty, or (this kernel) does not even exist
+    assert routes.stdout.strip() == "" and (routes.returncode == 0 or "does not exist" in routes.stderr)
