@@ -20,9 +20,7 @@ import json
 import os
 import random
 import socket
-import statistics
 import struct
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -701,7 +699,7 @@ class CostSession:
             self.pair = KaPair(self.lab, 100, vips=vip_set(n) if n > 2 else None)
         try:
             self.pair.start(timeout=bound)
-        except topology.LabError as exc:
+        except topology.LabError:
             self.error = f"set-up: no master within {bound:.0f} s"
         time.sleep(settle_s)
         if kind == "ours" and not self.error:

@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter, deque
@@ -98,9 +97,6 @@ class Daemon:
     def now(self) -> float:
         assert self.loop is not None
         return self.loop.time()
-
-    def wall(self, mono: float) -> float:
-        return time.time() - (self.now() - mono)
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -14,7 +14,6 @@ the kernel itself answers ARP/NS for it, since it is an interface address.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import socket

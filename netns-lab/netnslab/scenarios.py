@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from . import capture, prober, topology
 from .configgen import NodeSettings
-from .daemons import Cluster, Daemon, default_settings, event_time, master_down_ms, skew_ms
+from .daemons import Cluster, Daemon, default_settings, event_time, master_down_ms
 
 
 @dataclass
