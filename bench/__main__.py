@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", default="crash,graceful,flood,cost,scale")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--cost-window", type=float, default=20.0,
-                    help="seconds per cost window (CPU ticks are 10 ms: a long window resolves 0.05%%)")
+                    help="seconds per cost window (CPU time is read in nanoseconds from each thread's "
+                         "schedstat, plus reaped children's time; default 20)")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
     ap.add_argument("--report-only", action="store_true", help="re-render results.md/plots from results.json")
