@@ -1,7 +1,7 @@
 """``python -m bench``: vipless-failover and keepalived side by side, in one run (root).
 
     python -m bench [--trials 10] [--sizes 1,1024,16384,65536] [--figures crash,graceful,scale,cost,flood]
-                    [--out bench/results] [--no-micro] [--quick]
+                    [--out bench/results] [--quick] [--report-only]
 
 Every figure of issue 7, each with ``--trials`` trials per daemon interleaved (ours,
 keepalived, ours, keepalived ...) in namespace labs of netnslab; every trial has a time
@@ -132,22 +132,6 @@ def fig_flood(run: Run) -> None:
     run.save()
 
 
-def micro(sizes: list[int], runs: int, timeout: float) -> str:
-    """The announce micro-benchmark (bench/announce_bench.py): kernel flip alone and
-    announcements without a daemon."""
-    if not (ROOT / "bench" / "announce_bench.py").exists():
-        return ""
-    try:
-        p = subprocess.run([sys.executable, "-m", "bench.announce_bench", "--sizes", ",".join(map(str, sizes)),
-                            "--runs", str(runs)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"announce_bench: time bound of {timeout:.0f} s hit"
-    text = p.stdout
-    if p.returncode != 0:
-        text += f"\nannounce_bench exited {p.returncode}: {p.stderr.strip()[-800:]}"
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10)
@@ -157,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-window", type=float, default=20.0,
                     help="seconds per cost window (CPU time is read in nanoseconds from each thread's "
                          "schedstat, plus reaped children's time; default 20)")
-    ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
     ap.add_argument("--report-only", action="store_true", help="re-render results.md/plots from results.json")
     args = ap.parse_args(argv)
@@ -171,11 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = args.figures.split(",")
     t0 = time.time()
     info = machine_info()
-    micro_text = ""
     if args.report_only:
         run.trials = json.loads((out / "results.json").read_text())
         info = json.loads((out / "machine.json").read_text())
-        micro_text = (out / "announce_bench.txt").read_text() if (out / "announce_bench.txt").exists() else ""
     else:
         out.mkdir(parents=True, exist_ok=True)
         for fig in figures:
@@ -194,17 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                 fig_flood(run)
             else:
                 ap.error(f"unknown figure {fig}")
-        if not args.no_micro:
-            print("== announce micro-benchmark", flush=True)
-            micro_text = micro(sizes, max(5, args.trials), timeout=900)
-            (out / "announce_bench.txt").write_text(micro_text)
         info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
         (out / "machine.json").write_text(json.dumps(info, indent=1))
         (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")
         run.save()
     pngs = report.plots(run.trials, out)
     cmd = "python -m bench" + (" --quick" if args.quick else f" --trials {args.trials}")
-    md = report.markdown(run.trials, info, micro_text, pngs, cmd)
+    md = report.markdown(run.trials, info, pngs, cmd)
     (out / "results.md").write_text(md)
     print(md)
     return 0
