@@ -165,10 +165,13 @@ class KaPair(Pair):
         kw: dict[str, Any] = {}
         if next_hop:
             # VIP-less delivery behind the floating next hop: rules + local routes, like ours
-            kw = dict(floating=(str(topology.NEXT_HOP4), str(topology.NEXT_HOP6)),
+            # one floating next hop, IPv4, like ours in the lab (keepalived ignores a
+            # virtual_ipaddress of the other family than its instance's anyway); the IPv4
+            # local route needs "scope host" (through netlink the kernel refuses it without)
+            kw = dict(floating=(str(topology.NEXT_HOP4),),
                       rules=(f"to {topology.VIP_NET4} table {TABLE} priority 100",
                              f"to {topology.VIP_NET6} table {TABLE} priority 100"),
-                      routes=(f"local 0.0.0.0/0 dev lo table {TABLE}", f"local ::/0 dev lo table {TABLE}"))
+                      routes=(f"local 0.0.0.0/0 dev lo scope host table {TABLE}", f"local ::/0 dev lo table {TABLE}"))
         else:
             kw = dict(vips=tuple(v + ("/128" if ":" in v else "/32") for v in vips))
         self.lab = lab
