@@ -76,6 +76,17 @@ def render_config(name: str, iface: str, s: KaSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def addresses_added(s: KaSettings) -> int:
+    """How many addresses keepalived adds when it becomes master with these settings:
+    its ``virtual_ipaddress`` entries of the instance's family (the family of the
+    first one; it ignores the others) and every ``virtual_ipaddress_excluded`` one."""
+    floating, vips = (s.floating, s.vips) if s.floating or not s.vips else (s.vips[:1], s.vips[1:])
+    if not floating:
+        return len(vips)
+    v6 = ":" in floating[0]
+    return sum(1 for a in floating if (":" in a) == v6) + len(vips)
+
+
 @dataclass
 class LogLine:
     t: float  # unix time the bench read it

@@ -34,7 +34,7 @@ from netnslab.scenarios import _wait_started
 
 from vipless_failover.announce import in_netns
 
-from .keepalived import KaSettings, Keepalived
+from .keepalived import KaSettings, Keepalived, addresses_added
 
 A, B = "director-a", "director-b"
 PRIO = {A: 150, B: 100}
@@ -100,6 +100,10 @@ class Pair:
     def status(self, director: str) -> dict[str, Any] | None:
         return None
 
+    def transitions_since(self, t: float) -> int:
+        """Role changes of either director at or after unix time ``t``."""
+        raise NotImplementedError
+
     def master(self) -> str | None:
         for d in (A, B):
             if self.state(d) == "MASTER":
@@ -154,6 +158,10 @@ class OursPair(Pair):
 
     def status(self, director: str) -> dict[str, Any] | None:
         return self.cluster[director].status()
+
+    def transitions_since(self, t: float) -> int:
+        return sum(1 for d in self.cluster for ev in d.transitions()
+                   if (event_time(ev) or 0.0) >= t)
 
 
 class KaPair(Pair):
@@ -212,6 +220,10 @@ class KaPair(Pair):
             return self.kas[director].wait_log("Entering MASTER STATE", timeout, after=after).t
         except topology.LabError:
             return None
+
+    def transitions_since(self, t: float) -> int:
+        return sum(1 for k in self.kas.values() for line in list(k.lines)
+                   if line.t >= t and "Entering " in line.text and " STATE" in line.text)
 
 
 def make_pair(kind: str, lab: topology.Lab, interval_ms: int, **kw: Any) -> Pair:
@@ -480,38 +492,158 @@ class NeighWatch:
         self.dump_sock.close()
 
 
-class AddrWatch:
-    """The time of the first address added in a namespace (netlink notification): a
-    keepalived backup adds its VIPs (or floating address) right after deciding to become
-    master, so this is its decision time as the kernel sees it. (Its console log is
-    read through a pipe and can arrive late when it logs thousands of lines.)"""
+def _nl_messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, offset, length) of every netlink message in a receive buffer."""
+    off = 0
+    while off + 16 <= len(buf):
+        length, mtype = struct.unpack_from("=IH", buf, off)
+        if length < 16 or off + length > len(buf):
+            return
+        yield mtype, off, length
+        off += (length + 3) & ~3
 
-    def __init__(self, ns: str):
-        self.first: float | None = None
+
+def _nl_attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of the rtnetlink attributes in ``buf[start:end]``."""
+    a = start
+    while a + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", buf, a)
+        if alen < 4:
+            return
+        yield atype & 0x3FFF, buf[a + 4:a + alen]
+        a += (alen + 3) & ~3
+
+
+RTM_NEWADDR, RTM_NEWRULE = 20, 32
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+FRA_TABLE, FRA_PROTOCOL = 15, 21
+RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE = 5, 9, 8, 19
+WATCH_LIMIT = 1 << 20  # addresses / rules a watch records at most
+
+
+class _NetlinkWatch:
+    """A raw NETLINK_ROUTE socket opened inside a namespace, bound to ``groups``, read by
+    a thread that hands every receive buffer (with the time it was read) to
+    :meth:`_handle` until :meth:`close`. Bounded: the thread stops at close (0.05 s
+    receive timeout) and the records are capped."""
+
+    def __init__(self, ns: str, groups: int):
+        self.overflow = False
         self.stop_ev = threading.Event()
         with in_netns(ns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
-        self.sock.bind((0, (1 << (5 - 1)) | (1 << (9 - 1))))  # RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+        self.sock.bind((0, groups))
         self.sock.settimeout(0.05)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stop_ev.is_set() and self.first is None:
+        while not self.stop_ev.is_set():
             try:
-                buf = self.sock.recv(1 << 16)
+                buf = self.sock.recv(1 << 20)
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError:  # ENOBUFS: notifications were lost (flagged; counts may stay short)
+                self.overflow = True
                 continue
-            t = time.time()
-            if len(buf) >= 16 and struct.unpack_from("=IH", buf, 0)[1] == 20:  # RTM_NEWADDR
-                self.first = t
+            self._handle(buf, time.time())
+
+    def _handle(self, buf: bytes, t: float) -> None:
+        raise NotImplementedError
+
+    def after(self, t0: float) -> list[float]:
+        """Times (sorted) of what was seen at or after ``t0``."""
+        raise NotImplementedError
 
     def close(self) -> None:
         self.stop_ev.set()
         self.thread.join(timeout=2)
         self.sock.close()
+
+
+class AddrWatch(_NetlinkWatch):
+    """Addresses added in a namespace (netlink notifications, every message of every
+    buffer), each distinct address with the time it first appeared. A keepalived backup
+    adds its VIPs (or its floating addresses) right after deciding to become master, so
+    the first address added after the crash is its decision as the kernel sees it (its
+    console log comes through a pipe and can arrive late when it logs thousands of
+    lines), and first to last is its kernel flip. Addresses added before the crash
+    (a dual-master episode of the set-up) are kept apart by :meth:`after`."""
+
+    def __init__(self, ns: str):
+        self.added: dict[bytes, float] = {}  # family byte + address -> first seen
+        super().__init__(ns, (1 << (RTNLGRP_IPV4_IFADDR - 1)) | (1 << (RTNLGRP_IPV6_IFADDR - 1)))
+
+    def _handle(self, buf: bytes, t: float) -> None:
+        for mtype, off, length in _nl_messages(buf):
+            if mtype != RTM_NEWADDR:
+                continue
+            addr = local = None
+            for atype, val in _nl_attrs(buf, off + 16 + 8, off + length):  # after struct ifaddrmsg
+                if atype == IFA_ADDRESS:
+                    addr = val
+                elif atype == IFA_LOCAL:
+                    local = val
+            key = bytes(buf[off + 16:off + 17]) + (local or addr or b"")
+            if key not in self.added and len(self.added) < WATCH_LIMIT:
+                self.added[key] = t
+
+    def after(self, t0: float) -> list[float]:
+        """Times (sorted) of the distinct addresses first added at or after ``t0``."""
+        return sorted(t for t in list(self.added.values()) if t >= t0)
+
+    def before(self, t0: float) -> int:
+        return sum(1 for t in list(self.added.values()) if t < t0)
+
+
+class RuleWatch(_NetlinkWatch):
+    """Policy rules added in a namespace with rule protocol ``protocol`` (and, if given,
+    table ``table``): opened in the backup's namespace before the crash, it sees our
+    delivery rules arrive. ``times`` holds the time of each (every RTM_NEWRULE message
+    of every buffer)."""
+
+    def __init__(self, ns: str, protocol: int, table: int | None = None):
+        self.protocol, self.table = protocol, table
+        self.times: list[float] = []
+        super().__init__(ns, (1 << (RTNLGRP_IPV4_RULE - 1)) | (1 << (RTNLGRP_IPV6_RULE - 1)))
+
+    def _handle(self, buf: bytes, t: float) -> None:
+        for mtype, off, length in _nl_messages(buf):
+            if mtype != RTM_NEWRULE:
+                continue
+            proto, table = None, buf[off + 16 + 4]  # struct fib_rule_hdr: table at byte 4
+            for atype, val in _nl_attrs(buf, off + 16 + 12, off + length):  # after fib_rule_hdr
+                if atype == FRA_PROTOCOL and val:
+                    proto = val[0]
+                elif atype == FRA_TABLE and len(val) >= 4:
+                    table = struct.unpack_from("=I", val)[0]
+            if proto == self.protocol and (self.table is None or table == self.table) \
+                    and len(self.times) < WATCH_LIMIT:
+                self.times.append(t)
+
+    def after(self, t0: float) -> list[float]:
+        return [t for t in list(self.times) if t >= t0]
+
+
+def wait_after(get: Callable[[], list[float]], count: int, timeout: float) -> list[float]:
+    """Poll ``get`` (bounded) until it returns ``count`` times or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while True:
+        ts = get()
+        if len(ts) >= count or time.monotonic() > end:
+            return ts
+        time.sleep(0.005)
+
+
+def delivery_rules_of(config_path: Path) -> tuple[int, int, int]:
+    """(number of delivery rules, rule protocol, table) of a daemon config: what the
+    master installs when it takes over (vipless_failover's own config model)."""
+    from vipless_failover import config as vfconfig
+    from vipless_failover.dataplane.desired import delivery_rules
+
+    cfg = vfconfig.load(config_path)
+    return len(delivery_rules(cfg)), cfg.delivery.protocol, cfg.delivery.table
 
 
 def _has_done(buf: bytes) -> bool:
@@ -575,6 +707,22 @@ def raised_gc_thresh(values: tuple[int, int, int] = (131072, 262144, 524288)) ->
 SCALE_RATE_PPS = 50_000
 
 
+def wait_stable(pair: Pair, quiet_s: float, timeout: float) -> float | None:
+    """Wait (bounded) until one director is MASTER, the other BACKUP, and neither has
+    changed role for ``quiet_s``; returns the unix time the quiet window began."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        t0 = time.time()
+        m = pair.master()
+        if m is not None and pair.state(B if m == A else A) == "BACKUP":
+            time.sleep(quiet_s)
+            if pair.transitions_since(t0) == 0:
+                return t0
+        else:
+            time.sleep(0.05)
+    return None
+
+
 def scale_bound_s(n: int) -> float:
     return 30.0 + 2 * n / SCALE_RATE_PPS
 
@@ -583,7 +731,13 @@ def scale_trial(kind: str, index: int, n: int, mode: str) -> Trial:
     """Crash of the master (kill -9 + link down) with ``n`` VIPs; time from the backup's
     decision to the router having the new MAC for every VIP (per-vip) or for the
     floating next hop (next-hop). A fresh lab per trial (a keepalived master with
-    thousands of addresses is removed with its namespace)."""
+    thousands of addresses is removed with its namespace).
+
+    Details also carry ``flip_ms``, the kernel flip seen from outside by a netlink
+    listener in the backup's namespace: ours, from the decision in its log to its last
+    delivery rule added (as many as its config declares); keepalived, from its first to
+    its last address added (every VIP in per-vip mode, the floating addresses in
+    next-hop mode)."""
     variant = f"{mode}, {n} VIPs"
     bound = scale_bound_s(n)
     with topology.Lab(announce_mode=mode, responders=False) as lab:
@@ -599,38 +753,76 @@ def scale_trial(kind: str, index: int, n: int, mode: str) -> Trial:
             except topology.LabError as exc:
                 return Trial("scale", variant, kind, index, None, bound_hit=True,
                              note=f"set-up: no master within {bound:.0f} s", details={"error": str(exc)[:300]})
-            master = pair.master()
-            assert master is not None
-            backup = B if master == A else A
-            old_mac, new_mac = lab.mac(master), lab.mac(backup)
-            if mode == "per-vip":
-                watched = vips
+            # a stable pair before the crash: keepalived's new master stops advertising while
+            # it adds thousands of addresses, so its peer becomes master too for a while
+            # (and takes the router's entries); such a set-up is retried, never measured
+            role_changes = 0
+            for _attempt in range(3):
+                left = bound - (time.monotonic() - t0)
+                t_quiet = wait_stable(pair, 1.0, max(2.0, left))
+                if t_quiet is None:
+                    return Trial("scale", variant, kind, index, None, bound_hit=True,
+                                 note=f"set-up: no stable master and backup within {bound:.0f} s")
+                master = pair.master()
+                if master is None:
+                    role_changes += 1
+                    continue
+                backup = B if master == A else A
+                old_mac, new_mac = lab.mac(master), lab.mac(backup)
+                if mode == "per-vip":
+                    watched = vips
+                else:
+                    watched = [str(topology.NEXT_HOP4.ip)]
+                    warm_up_nh(lab)
+                left = bound - (time.monotonic() - t0)
+                if not resolve(lab, watched, old_mac, timeout=max(5.0, left)):
+                    return Trial("scale", variant, kind, index, None, bound_hit=True,
+                                 note=f"set-up: the router did not resolve all {len(watched)} addresses to the "
+                                      f"master within {bound:.0f} s")
+                changed = pair.transitions_since(t_quiet)
+                if not changed:
+                    break
+                role_changes += changed
             else:
-                watched = [str(topology.NEXT_HOP4.ip)]
-                warm_up_nh(lab)
-            left = bound - (time.monotonic() - t0)
-            if not resolve(lab, watched, old_mac, timeout=max(5.0, left)):
-                return Trial("scale", variant, kind, index, None, bound_hit=True,
-                             note=f"set-up: the router did not resolve all {len(watched)} addresses to the "
-                                  f"master within {bound:.0f} s")
+                return Trial("scale", variant, kind, index, None,
+                             note="set-up: the pair changed roles during each of 3 set-ups",
+                             details={"setup_role_changes": role_changes})
             setup_s = time.monotonic() - t0
+            # the kernel flip, seen from outside: ours' delivery rules arriving in the
+            # backup's namespace, keepalived's addresses (all of them: VIPs or floating)
+            addrs: AddrWatch | None = None
+            flipw: _NetlinkWatch
+            if isinstance(pair, KaPair):
+                flip_expected = addresses_added(pair.kas[backup].settings)
+                flipw = addrs = AddrWatch(lab.ns(backup))
+            else:
+                assert isinstance(pair, OursPair)
+                flip_expected, proto, table = delivery_rules_of(pair.cluster[backup].config_path)
+                flipw = RuleWatch(lab.ns(backup), proto, table=table)
             watch = NeighWatch(lab.ns("router"), watched, new_mac)
-            addrs = AddrWatch(lab.ns(backup)) if kind == "keepalived" else None
             time.sleep(random.uniform(0, 0.1))  # random phase against the advert timer
             try:
                 t_kill = pair.kill(master)
                 link(lab, master, False)
                 t_dec = pair.decision(backup, t_kill, 10)
                 done = watch.wait(bound)
+                # bounded: the flip comes before the announcements, so it is over by now
+                # unless it failed (or, for keepalived, it is still adding addresses)
+                flip = wait_after(lambda: flipw.after(t_kill), flip_expected, 2.0 if done is not None else 0.0)
                 if addrs is not None:
-                    t_dec = addrs.first  # first VIP added on the backup (see AddrWatch)
+                    t_dec = flip[0] if flip else None  # first address added on the backup (see AddrWatch)
             finally:
                 watch.close()
-                if addrs is not None:
-                    addrs.close()
-            d = {"setup_s": round(setup_s, 1), "overflow": watch.overflow,
+                flipw.close()
+            flip_end = flip[flip_expected - 1] if len(flip) >= flip_expected else None
+            flip_ms = None if (flip_end is None or t_dec is None) else round((flip_end - t_dec) * 1000, 2)
+            d = {"setup_s": round(setup_s, 1), "overflow": watch.overflow, "setup_role_changes": role_changes,
                  "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1),
-                 "learned": len(watch.have), "watched": len(watched)}
+                 "learned": len(watch.have), "watched": len(watched),
+                 "flip_ms": flip_ms, "flip_expected": flip_expected, "flip_seen": len(flip),
+                 "flip_overflow": flipw.overflow}
+            if addrs is not None:
+                d["addresses_before_kill"] = addrs.before(t_kill)
             if t_dec is None:
                 return Trial("scale", variant, kind, index, None, note="backup never became master", details=d)
             if done is None:
