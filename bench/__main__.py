@@ -79,7 +79,7 @@ def fig_crash_graceful(run: Run, interval_ms: int, what: str) -> None:
             for kind in S.DAEMONS:
                 if what == "crash":
                     run.safe("crash", f"{interval_ms} ms adverts", kind, i,
-                             lambda: S.crash_trial(kind, i, interval_ms, lab=lab))
+                             lambda: S.crash_trial(kind, i, interval_ms, lab=lab, n=run.n))
                 else:
                     run.safe("graceful", f"sigterm, {interval_ms} ms adverts", kind, i,
                              lambda: S.graceful_trial(kind, i, interval_ms, "sigterm", lab=lab))

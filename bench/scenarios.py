@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from netnslab import prober, topology
 from netnslab.configgen import NodeSettings
-from netnslab.daemons import Cluster, event_time
+from netnslab.daemons import Cluster, event_time, master_down_ms
 from netnslab.scenarios import _wait_started
 
 from vipless_failover.announce import in_netns
@@ -317,38 +317,195 @@ def outage_after(res: dict[str, Any], t_event: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # figure 1 + 2: crash failover, graceful hand-over (client-visible outage)
 
+ETH_P_ALL = 3
+SO_TIMESTAMPNS = SCM_TIMESTAMPNS = 35
+PACKET_OUTGOING = 4
+
+
+@dataclass(frozen=True)
+class WireFrame:
+    t: float  # the kernel's receive time (SO_TIMESTAMPNS, CLOCK_REALTIME like time.time())
+    src: str  # source MAC, lower case
+    kind: str  # "advert" | "garp" | "na" (announcements), "arp" (other ARP)
+
+
+def classify_frame(data: bytes) -> str | None:
+    """What an Ethernet frame on the LAN is, for the crash figure: ``advert`` (IPv4,
+    UDP or VRRP (112), to a multicast MAC 01:00:5e:..: ours to 224.0.0.18 port 5798,
+    keepalived's VRRP), ``garp`` (ARP with sender IP == target IP), ``arp`` (other
+    ARP), ``na`` (an ICMPv6 neighbour advertisement without the Solicited flag: next
+    header 58 at offset 6 of the IPv6 header, type 136 at 40), else None."""
+    if len(data) < 14:
+        return None
+    etype = int.from_bytes(data[12:14], "big")
+    if etype == 0x0800 and data[0:3] == b"\x01\x00\x5e" and len(data) >= 34:
+        return "advert" if data[14 + 9] in (17, 112) else None
+    if etype == 0x0806 and len(data) >= 42:
+        return "garp" if data[14 + 14:14 + 18] == data[14 + 24:14 + 28] else "arp"
+    if etype == 0x86DD and len(data) >= 14 + 45 and data[14 + 6] == 58 and data[14 + 40] == 136:
+        return None if data[14 + 44] & 0x40 else "na"
+    return None
+
+
+class WireWatch:
+    """Adverts and announcements on the LAN as the router receives them: an AF_PACKET
+    socket (ETH_P_ALL) opened in the router's namespace, bound to its LAN interface, with
+    kernel receive timestamps (SO_TIMESTAMPNS). A thread records, bounded in count
+    (``limit``) and stopped by :meth:`close`, a :class:`WireFrame` for every frame from
+    one of ``macs`` that :func:`classify_frame` names."""
+
+    def __init__(self, ns: str, iface: str, macs: Sequence[str], limit: int = 200_000):
+        self.macs = {m.lower() for m in macs}
+        self.iface = iface
+        self.limit = limit
+        self.frames: list[WireFrame] = []
+        self.cond = threading.Condition()
+        self.stop_ev = threading.Event()
+        with in_netns(ns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((iface, ETH_P_ALL))  # CPython puts the protocol in network order itself
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        self.sock.settimeout(0.05)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        cmsg_len = socket.CMSG_SPACE(16)
+        while not self.stop_ev.is_set():
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(128, cmsg_len)
+            except socket.timeout:
+                continue
+            except OSError:
+                continue
+            if addr[0] != self.iface or addr[2] == PACKET_OUTGOING:
+                continue
+            kind = classify_frame(data)
+            if kind is None:
+                continue
+            src = data[6:12].hex(":")
+            if src not in self.macs:
+                continue
+            t = None
+            for level, typ, val in anc:
+                if level == socket.SOL_SOCKET and typ == SCM_TIMESTAMPNS and len(val) >= 16:
+                    sec, nsec = struct.unpack_from("qq", val)
+                    t = sec + nsec / 1e9
+            with self.cond:
+                if len(self.frames) < self.limit:
+                    self.frames.append(WireFrame(time.time() if t is None else t, src, kind))
+                self.cond.notify_all()
+
+    def wait_for(self, kinds: Sequence[str], mac: str, after: float, timeout: float) -> float | None:
+        """The time of the first frame of ``kinds`` from ``mac`` after ``after`` (bounded wait)."""
+        mac = mac.lower()
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                t = self.first(kinds, mac, after)
+                left = end - time.monotonic()
+                if t is not None or left <= 0:
+                    return t
+                self.cond.wait(min(left, 0.05))
+
+    def first(self, kinds: Sequence[str], mac: str, after: float) -> float | None:
+        mac = mac.lower()
+        for f in list(self.frames):
+            if f.t > after and f.src == mac and f.kind in kinds:
+                return f.t
+        return None
+
+    def last(self, kinds: Sequence[str], mac: str, before: float) -> float | None:
+        mac = mac.lower()
+        out = None
+        for f in list(self.frames):
+            if f.t < before and f.src == mac and f.kind in kinds:
+                out = f.t
+        return out
+
+    def count(self, kinds: Sequence[str], mac: str, after: float, before: float) -> int:
+        mac = mac.lower()
+        return sum(1 for f in list(self.frames) if after <= f.t < before and f.src == mac and f.kind in kinds)
+
+    def close(self) -> None:
+        self.stop_ev.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+ANNOUNCEMENTS = ("garp", "na")
+
 TARGETS = ("198.51.100.10",)
 
 
-def crash_trial(kind: str, index: int, interval_ms: int, *, lab: topology.Lab) -> Trial:
+def crash_phase_s(interval_ms: int, index: int, n: int) -> float:
+    """The crash's phase for trial ``index`` of ``n``, after the master's advert:
+    stratified over the advert interval (the middle of the index-th of n equal slices),
+    the same for both daemons in trial ``index`` (paired)."""
+    return interval_ms / 1000 * (index + 0.5) / max(1, n)
+
+
+def crash_trial(kind: str, index: int, interval_ms: int, *, lab: topology.Lab, n: int = 1) -> Trial:
+    """Crash of the master (kill -9 + link down) at a chosen phase of its advert cycle:
+    the bench watches the wire from the router (:class:`WireWatch`), waits for a master
+    advert at t_adv and crashes at t_adv + interval + :func:`crash_phase_s`. Value: the
+    client-visible outage. Details also: ``phase_ms`` (achieved: the crash - the
+    master's last advert on the wire before it) and ``reaction_ms`` (the backup's first
+    announcement on the wire - (that last advert + its master-down interval))."""
     variant = f"{interval_ms} ms adverts"
     pair = make_pair(kind, lab, interval_ms)
-    duration = 4.0 if interval_ms < 1000 else 7.0
+    interval = interval_ms / 1000
+    duration = (4.0 if interval_ms < 1000 else 7.0) + 2 * interval
+    phase = crash_phase_s(interval_ms, index, n)
     master = None
+    wire: WireWatch | None = None
     try:
-        pair.start(timeout=10 + 6 * interval_ms / 1000)
+        pair.start(timeout=10 + 6 * interval)
         master = pair.master()
         assert master is not None
         backup = B if master == A else A
+        m_mac, b_mac = lab.mac(master), lab.mac(backup)
         warm_up(lab, TARGETS)
+        wire = w = WireWatch(lab.ns("router"), lab.router.iface, (m_mac, b_mac))
+        seen_adv: list[float] = []
 
         def crash() -> float:
+            # a stratified phase against the master's advert timer, the same for both
+            # daemons in trial ``index``: the phase decides most of the outage (3 x
+            # interval + skew - phase), so random phases with 10 trials hid any difference
+            t_adv = w.wait_for(("advert",), m_mac, time.time(), timeout=2 * interval + 1.0)
+            if t_adv is not None:
+                seen_adv.append(t_adv)
+                time.sleep(max(0.0, t_adv + interval + phase - time.time()))
+            else:
+                time.sleep(phase)  # no advert seen: the phase is not controlled (recorded)
             t = pair.kill(master)
             link(lab, master, False)
             return t
 
-        # a random phase against the master's advert timer (else the harness's fixed delays
-        # can lock the kill to one point of the advert cycle, differently for each daemon)
-        res, t_kill = probe_window(lab, TARGETS, crash, lead_s=0.5 + random.uniform(0, interval_ms / 1000),
-                                   duration_s=duration + interval_ms / 1000)
+        res, t_kill = probe_window(lab, TARGETS, crash, lead_s=0.5, duration_s=duration)
         t_dec = pair.decision(backup, t_kill, 2)
+        t_ann = wire.wait_for(ANNOUNCEMENTS, b_mac, t_kill, timeout=1.0)
+        last_adv = wire.last(("advert",), m_mac, t_kill)
         o = outage_after(res, t_kill)
-        d = {"master": master, **o, "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1)}
+        md_ms = master_down_ms(interval_ms, PRIO[backup])
+        d = {"master": master, **o, "decision_ms": None if t_dec is None else round((t_dec - t_kill) * 1000, 1),
+             "phase_target_ms": round(phase * 1000, 1),
+             "phase_ms": None if last_adv is None else round((t_kill - last_adv) * 1000, 2),
+             "master_down_ms": round(md_ms, 2),
+             "announce_ms": None if t_ann is None else round((t_ann - t_kill) * 1000, 2),
+             "reaction_ms": None if (t_ann is None or last_adv is None)
+             else round((t_ann - (last_adv + md_ms / 1000)) * 1000, 2),
+             "master_adverts_after_kill": wire.count(("advert",), m_mac, t_kill, t_kill + 1.0),
+             "advert_seen_before_kill": bool(seen_adv)}
         if not o["recovered"] or o["seen"]["after_by"] != backup:
             return Trial("crash", variant, kind, index, None, bound_hit=not o["recovered"],
                          note=f"no answer from {backup} within the {duration - 0.5:.1f} s window", details=d)
         return Trial("crash", variant, kind, index, o["outage_ms"], details=d)
     finally:
+        if wire is not None:
+            wire.close()
         if master is not None:
             link(lab, master, True)
         pair.stop()
