@@ -1,13 +1,15 @@
 """``python -m bench``: vipless-failover and keepalived side by side, in one run (root).
 
     python -m bench [--trials 10] [--sizes 1,1024,16384,65536] [--figures crash,graceful,scale,cost,flood]
-                    [--out bench/results] [--quick] [--report-only]
+                    [--out bench/results] [--cost-window 20] [--quick] [--merge] [--report-only]
 
 Every figure of issue 7, each with ``--trials`` trials per daemon interleaved (ours,
 keepalived, ours, keepalived ...) in namespace labs of netnslab; every trial has a time
 bound and a bound hit is reported as such. Writes ``results.json`` (every trial, after
 each figure), ``results.md`` (the table, also printed), ``machine.txt`` and PNG plots to
 ``--out``. ``--quick`` is a smoke run (2 trials, small sizes, short windows).
+``--merge`` with a subset of ``--figures`` keeps the other figures' trials of the
+existing ``results.json`` and replaces only the figures run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from . import scenarios as S
 from .keepalived import KEEPALIVED
 
 ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ("crash", "graceful", "flood", "cost", "scale")
 
 
 def machine_info() -> dict[str, str]:
@@ -53,6 +56,11 @@ class Run:
         self.out = out
         self.n = trials
         self.trials: list[dict[str, Any]] = []
+        #: --merge: the trials of the figures not run, kept from the existing results.json
+        self.kept: list[dict[str, Any]] = []
+
+    def all(self) -> list[dict[str, Any]]:
+        return self.kept + self.trials
 
     def add(self, t: S.Trial | list[S.Trial]) -> None:
         for x in (t if isinstance(t, list) else [t]):
@@ -63,7 +71,7 @@ class Run:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "results.json").write_text(json.dumps(self.trials, indent=1))
+        (self.out / "results.json").write_text(json.dumps(self.all(), indent=1))
 
     def safe(self, fig: str, variant: str, kind: str, i: int, fn: Callable[[], Any]) -> None:
         try:
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds per cost window (CPU time is read in nanoseconds from each thread's "
                          "schedstat, plus reaped children's time; default 20)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the trials of the figures not in --figures from the existing results.json in "
+                         "--out and replace only those of the figures run (e.g. `--figures cost --merge` "
+                         "updates the cost figure alone); without it results.json holds this run only")
     ap.add_argument("--report-only", action="store_true", help="re-render results.md/plots from results.json")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -152,12 +164,35 @@ def main(argv: list[str] | None = None) -> int:
         args.trials, sizes, args.cost_window = 2, [s for s in sizes if s <= 1024] or [1], 3.0
     run = Run(out, args.trials)
     figures = args.figures.split(",")
+    unknown = [f for f in figures if f not in FIGURES]
+    if unknown:
+        ap.error(f"unknown figure(s) {','.join(unknown)}; known: {','.join(FIGURES)}")
+    cmd = "python -m bench" + (" --quick" if args.quick else f" --trials {args.trials}")
+    if args.figures != ap.get_default("figures"):
+        cmd += f" --figures {args.figures}"
+    if args.merge:
+        cmd += " --merge"
     t0 = time.time()
-    info = machine_info()
     if args.report_only:
         run.trials = json.loads((out / "results.json").read_text())
         info = json.loads((out / "machine.json").read_text())
+        cmd = info.get("command", "python -m bench")
     else:
+        info = machine_info()
+        info["command"] = cmd
+        if args.merge and (out / "results.json").exists():
+            old = json.loads((out / "results.json").read_text())
+            run.kept = [t for t in old if t["figure"] not in figures]
+            try:
+                old_info = json.loads((out / "machine.json").read_text())
+            except (OSError, ValueError):
+                old_info = {}
+            kept_figs = sorted({t["figure"] for t in run.kept})
+            if kept_figs:
+                info["merged"] = (f"figures {','.join(figures)} from this run; {','.join(kept_figs)} kept from the "
+                                  f"results of the run started {old_info.get('started', '?')} "
+                                  f"(`{old_info.get('command', 'python -m bench')}`)"
+                                  + (f", which had merged: {old_info['merged']}" if old_info.get("merged") else ""))
         out.mkdir(parents=True, exist_ok=True)
         for fig in figures:
             print(f"== {fig}", flush=True)
@@ -173,15 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                          settle_s=5.0 if not args.quick else 2.0)
             elif fig == "flood":
                 fig_flood(run)
-            else:
-                ap.error(f"unknown figure {fig}")
         info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
         (out / "machine.json").write_text(json.dumps(info, indent=1))
         (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")
         run.save()
-    pngs = report.plots(run.trials, out)
-    cmd = "python -m bench" + (" --quick" if args.quick else f" --trials {args.trials}")
-    md = report.markdown(run.trials, info, pngs, cmd)
+    pngs = report.plots(run.all(), out)
+    md = report.markdown(run.all(), info, pngs, cmd)
     (out / "results.md").write_text(md)
     print(md)
     return 0
