@@ -228,6 +228,11 @@ def table_flood(trials: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _or_not_run(lines: list[str]) -> list[str]:
+    """A table with no row (its figure was not run) says so instead."""
+    return lines if len(lines) > 2 else ["(not run)"]
+
+
 def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], plots: Sequence[str],
              command: str) -> str:
     out = ["# vipless-failover vs keepalived: bench results", "",
@@ -241,7 +246,7 @@ def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], plots: S
            "for both daemons alike. The client probes one VIP over UDP every 5 ms; outage = longest run of "
            "unanswered probes after the event. See docs/bench.md for the method.", "",
            "## Client-visible outage: crash failover and graceful hand-over", "",
-           *table_times(trials, ("crash", "graceful")), "",
+           *_or_not_run(table_times(trials, ("crash", "graceful"))), "",
            "## Crash: reaction after the master-down timer", "",
            "The crash's phase is stratified and paired: the bench watches the LAN from the router "
            "(AF_PACKET, kernel receive timestamps), waits for a master advert and crashes the master at "
@@ -256,7 +261,7 @@ def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], plots: S
            "router's entry for the floating next hop 192.0.2.100 does. 1 VIP is IPv4, 1,024 and more are "
            "IPv6 from 2001:db8:100::1:0 on. Decision: ours from its log (transition to MASTER), keepalived "
            "from the kernel (its first VIP address added on the backup).", "",
-           *table_times(trials, ("scale",)), "",
+           *_or_not_run(table_times(trials, ("scale",))), "",
            "## Kernel flip: decision to delivery in the kernel", "",
            "Measured from outside, in the scale figure's trials, by a netlink listener opened in the new "
            "master's namespace before the crash. Ours: from its decision (the transition to MASTER in its "
@@ -265,12 +270,12 @@ def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], plots: S
            "the number of VIPs. keepalived: from its first to its last address added (every VIP in per-vip "
            "mode, the floating next hop in next-hop mode): its way of taking over delivery.", "",
            *table_flip(trials), "",
-           "## Cost at rest (100 ms adverts, idle)", "", *table_cost(trials), "",
+           "## Cost at rest (100 ms adverts, idle)", "", *_or_not_run(table_cost(trials)), "",
            "## Flood: forged adverts at 10,000/s for 10 s against the backup", "",
            "Ours: our wire format with a wrong key (to the election group, from the router's LAN address). "
            "keepalived: VRRPv3 with a VRID it does not run (VRRPv3 has no authentication, so a forged "
            "advert with the right VRID cannot be rejected at all).", "",
-           *table_flood(trials), ""]
+           *_or_not_run(table_flood(trials)), ""]
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(out)

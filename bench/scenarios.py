@@ -815,20 +815,26 @@ def _has_done(buf: bytes) -> bool:
     return False
 
 
-def resolve(lab: topology.Lab, addrs: Sequence[str], mac: str, timeout: float, pps: int = 20_000) -> bool:
+def resolve(lab: topology.Lab, addrs: Sequence[str], mac: str, timeout: float, pps: int = 20_000) -> list[str]:
     """Make the router resolve every address (to ``mac``): it only updates entries it has.
-    Bounded: a few rounds, paced, within ``timeout``."""
+    Bounded: a few rounds, paced, within ``timeout``. Returns the addresses it did not
+    resolve to ``mac`` (empty: all done)."""
     fam = socket.AF_INET6 if ":" in addrs[0] else socket.AF_INET
     with in_netns(lab.ns("router")):
         s = socket.socket(fam, socket.SOCK_DGRAM)
     watch = NeighWatch(lab.ns("router"), addrs, mac)
     deadline = time.monotonic() + timeout
+
+    def missing() -> list[str]:
+        return [] if watch.done_at is not None else \
+            [a for a in addrs if socket.inet_pton(fam, a) not in watch.have]
+
     try:
         for _ in range(6):
             watch._apply(watch.dump(), time.time())
             if watch.done_at is not None:
-                return True
-            todo = [a for a in addrs if socket.inet_pton(fam, a) not in watch.have]
+                return []
+            todo = missing()
             for i, a in enumerate(todo):
                 try:
                     s.sendto(b"x", (a, 9))
@@ -837,10 +843,10 @@ def resolve(lab: topology.Lab, addrs: Sequence[str], mac: str, timeout: float, p
                 if i % 500 == 499:
                     time.sleep(500 / pps)
                 if time.monotonic() > deadline:
-                    return False
+                    return missing()
             if watch.wait(min(3.0, max(0.0, deadline - time.monotonic()))) is not None:
-                return True
-        return watch.done_at is not None
+                return []
+        return missing()
     finally:
         watch.close()
         s.close()
@@ -932,10 +938,12 @@ def scale_trial(kind: str, index: int, n: int, mode: str) -> Trial:
                     watched = [str(topology.NEXT_HOP4.ip)]
                     warm_up_nh(lab)
                 left = bound - (time.monotonic() - t0)
-                if not resolve(lab, watched, old_mac, timeout=max(5.0, left)):
+                unresolved = resolve(lab, watched, old_mac, timeout=max(5.0, left))
+                if unresolved:
                     return Trial("scale", variant, kind, index, None, bound_hit=True,
                                  note=f"set-up: the router did not resolve all {len(watched)} addresses to the "
-                                      f"master within {bound:.0f} s")
+                                      f"master within {bound:.0f} s ({len(unresolved)} left)",
+                                 details={"unresolved": unresolved[:20], "unresolved_count": len(unresolved)})
                 changed = pair.transitions_since(t_quiet)
                 if not changed:
                     break
