@@ -136,6 +136,14 @@ def icmpv6_checksum(src: IPv6, dst: IPv6, icmp: bytes) -> int:
     return ck or 0xFFFF
 
 
+def icmpv6_checksum_ok(src: IPv6, dst: IPv6, icmp: bytes) -> bool:
+    """Whether a received ICMPv6 message's checksum is right: the sum over the pseudo-
+    header and the message, checksum included, is all ones. (A sum that comes out as
+    zero is sent as 0x0000 by Linux and as 0xFFFF by others: both are right.)"""
+    pseudo = src.packed + dst.packed + struct.pack("!I3xB", len(icmp), 58)
+    return _fold(_ones_sum(pseudo) + _ones_sum(icmp)) == 0xFFFF
+
+
 def garp_frame(mac: bytes, vip: IPv4, form: str = "request") -> bytes:
     """A gratuitous ARP for ``vip`` from ``mac`` (see the module doc for the two forms)."""
     if form == "request":
@@ -494,8 +502,7 @@ class NeighbourResponder:
             src = frame[22:38]
             payload_len = struct.unpack_from("!H", frame, 18)[0]
             icmp = frame[54:54 + payload_len]
-            if len(icmp) < 24 or icmpv6_checksum(IPv6(src), IPv6(frame[38:54]), icmp[:2] + b"\0\0" + icmp[4:]) \
-                    != struct.unpack_from("!H", icmp, 2)[0]:
+            if len(icmp) < 24 or not icmpv6_checksum_ok(IPv6(src), IPv6(frame[38:54]), icmp):
                 return None
             ll = self.ll_src
             if ll is None:

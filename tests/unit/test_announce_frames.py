@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
 import time
 
 import pytest
@@ -245,3 +246,26 @@ def test_check_interface_next_hop_taken() -> None:
         announce.check_interface(cfg, facts=facts)
     facts["addresses"][1]["proto"] = cfg.delivery.protocol  # ours (daemon restart): adopted
     announce.check_interface(cfg, facts=facts)
+
+
+def test_responder_accepts_both_forms_of_a_zero_checksum() -> None:
+    # an NS whose checksum sum comes out as zero: Linux sends 0x0000, others 0xFFFF. The
+    # target's last 16 bits are chosen so; one VIP in 65,536 is such a target per router.
+    src, dst = "2001:db8::1", "ff02::1:ff00:0"
+    probe = bytes(Ether(src=ROUTER_MAC) / IPv6(src=src, dst=dst, hlim=255) / ICMPv6ND_NS(tgt="2001:db8::", cksum=0))
+    icmp = probe[54:]
+    pseudo = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + \
+        struct.pack("!I3xB", len(icmp), 58)
+    folded = announce._fold(announce._ones_sum(pseudo) + announce._ones_sum(icmp))
+    last = (~folded) & 0xFFFF  # makes the sum all ones with a zero checksum field
+    target = ipaddress.IPv6Address(int(ipaddress.IPv6Address("2001:db8::")) + last)
+    assert announce.icmpv6_checksum(ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst),
+                                    icmp[:24 - 16] + target.packed) == 0xFFFF  # i.e. computed 0
+    r = announce.NeighbourResponder("eth0", 1, MAC, LL, [], [target], None, _Log())
+    for cksum in (0x0000, 0xFFFF):
+        frame = bytes(Ether(src=ROUTER_MAC) / IPv6(src=src, dst=dst, hlim=255)
+                      / ICMPv6ND_NS(tgt=str(target), cksum=cksum))
+        assert r.answer(frame) is not None, hex(cksum)
+    frame = bytes(Ether(src=ROUTER_MAC) / IPv6(src=src, dst=dst, hlim=255) / ICMPv6ND_NS(tgt=str(target), cksum=1))
+    assert r.answer(frame) is None
+    assert r.answered["ns"] == 2
