@@ -156,3 +156,9 @@ def test_flip_is_constant_in_vips_and_services(count: int) -> None:
     assert [type(op) for op in down] == [d.DeleteRule] * 3
     assert len(d.flip_operations(cfg, backup.rules, True)) == 3
     assert len(d.flip_operations(cfg, master.rules, False)) == 3
+
+
+def test_a_default_destination_is_a_rule_without_destination() -> None:
+    # the kernel keeps no FRA_DST for "to 0.0.0.0/0": the desired rule must match what it reports
+    cfg = make(delivery={"table": 100, "rules": [{"to": "0.0.0.0/0"}, {"to": "::/0", "iif": "eth1"}]})
+    assert d.delivery_rules(cfg) == {RuleSpec(4, 100, 100, 98), RuleSpec(6, 100, 100, 98, iif="eth1")}

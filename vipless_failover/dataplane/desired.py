@@ -228,7 +228,9 @@ def delivery_rules(cfg: Config) -> frozenset[RuleSpec]:
                 mask = rule.mask if rule.mask is not None else FULL_MASK
             out.add(RuleSpec(family=family, priority=d.rule_priority, table=d.table, protocol=d.protocol,
                              fwmark=rule.fwmark, mask=mask,
-                             dst=str(rule.to) if rule.to is not None else None, iif=rule.iif))
+                             # a /0 destination is no destination (the kernel keeps none)
+                             dst=str(rule.to) if rule.to is not None and rule.to.prefixlen else None,
+                             iif=rule.iif))
     return frozenset(out)
 
 

@@ -11,6 +11,7 @@ inside it (it is not created if missing).
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any, Iterable
 
@@ -25,6 +26,7 @@ FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
 RT_TABLE_COMPAT = 252
+FIB_RULE_DETACHED = 0x8 | 0x10  # FIB_RULE_IIF_DETACHED | FIB_RULE_OIF_DETACHED
 _RULE_KNOWN = {"FRA_TABLE", "FRA_PROTOCOL", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_DST",
                "FRA_IIFNAME"}
 
@@ -40,13 +42,21 @@ def rule_from_msg(msg: Any) -> RuleSpec:
             continue
         extra[name] = value
     for hdr, default in (("src_len", 0), ("tos", 0), ("action", FR_ACT_TO_TBL), ("flags", 0)):
-        if msg[hdr] != default:
-            extra[hdr] = msg[hdr]
+        value = msg[hdr]
+        if hdr == "flags":
+            value &= ~FIB_RULE_DETACHED  # the kernel's note that the iif/oif does not exist (yet)
+        if value != default:
+            extra[hdr] = value
     fwmark = attrs.get("FRA_FWMARK")
     mask = attrs.get("FRA_FWMASK")
     if fwmark is not None and mask is None:
         mask = FULL_MASK
     dst = attrs.get("FRA_DST")
+    if dst is not None:
+        # as desired.delivery_rules writes it: ipaddress's text form (inet_ntop writes
+        # ::200:0 as ::2.0.0.0), and no destination for a /0 (the kernel drops FRA_DST)
+        net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+        dst = str(net) if net.prefixlen else None
     return RuleSpec(
         family=FAMILY.get(msg["family"], msg["family"]),
         priority=attrs.get("FRA_PRIORITY", 0),
@@ -54,7 +64,7 @@ def rule_from_msg(msg: Any) -> RuleSpec:
         protocol=attrs.get("FRA_PROTOCOL", 0),
         fwmark=fwmark,
         mask=mask,
-        dst=f"{dst}/{msg['dst_len']}" if dst is not None else None,
+        dst=dst,
         iif=attrs.get("FRA_IIFNAME"),
         extra=tuple(sorted((k, _hashable(v)) for k, v in extra.items())),
     )
