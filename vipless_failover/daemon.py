@@ -381,7 +381,9 @@ class Daemon:
 
     def _needs_await(self, action: fsm.Action) -> bool:
         if isinstance(action, (fsm.InstallDelivery, fsm.WithdrawDelivery)):
-            return True
+            # the flip is one system call, done in line; only a delivery pass under way
+            # (it reads, then changes the rules) makes it wait
+            return not self.dataplane.flip_ready()
         return self.nexthop is not None and isinstance(action, (fsm.StartAnnounce, fsm.StopAnnounce))
 
     async def _do_async(self, action: fsm.Action) -> None:
@@ -407,6 +409,12 @@ class Daemon:
 
     def _do(self, action: fsm.Action) -> None:
         match action:
+            case fsm.InstallDelivery():
+                self.dataplane.flip(True)
+                self.telemetry.on_delivery_installed(time.monotonic(),
+                                                     announcing=self.cfg.announce.mode != "none")
+            case fsm.WithdrawDelivery():
+                self.dataplane.flip(False)
             case fsm.SendAdvert():
                 self._send(action)
             case fsm.Transition(old=old, new=new, reason=reason):

@@ -202,7 +202,12 @@ async def dp_factory(lab: Lab, tmp_path: Path) -> Any:
         yield make
     finally:
         for dp in made:
-            await dp.close()
+            try:
+                await asyncio.wait_for(dp.close(), 10)
+            except asyncio.TimeoutError:
+                for t in asyncio.all_tasks():
+                    t.print_stack()
+                raise
 
 
 async def ask(client: Client) -> bool:
@@ -412,3 +417,33 @@ async def test_nft_refused_is_reported_not_raised(lab: Lab, dp_factory: Any) -> 
     runs = dp.status()["reconcile"]["runs"]
     await asyncio.sleep(0.5)  # failing retries back off: a handful of runs, not a busy loop
     assert dp.status()["reconcile"]["runs"] - runs <= 5
+
+
+async def test_flip_is_in_line_and_what_it_installs_reads_back_unchanged(lab: Lab, traffic: Client,
+                                                                          dp_factory: Any) -> None:
+    # destinations the kernel reports in another form than the config's (a /0 has no
+    # FRA_DST; inet_ntop writes ::200:0 as ::2.0.0.0) must not read as drift on every pass
+    odd = [{"to": "0.0.0.0/0", "iif": "vfnone0"}, {"to": "::200:0/103"}]
+    cfg = make_cfg(delivery=dict(CFG["delivery"], rules=[*CFG["delivery"]["rules"], *odd]))
+    dp = dp_factory(cfg)
+    await dp.start()
+    await dp.set_delivery(False)
+    assert dp.flip_ready()
+    dp.flip(True)  # synchronous: the rules are in the kernel when it returns
+    assert "100:\tfrom all fwmark 0x1 lookup 100 proto 98" in lab.rules(4)
+    assert "100:\tfrom all iif vfnone0 [detached] lookup 100 proto 98" in lab.rules(4)
+    assert "to ::2.0.0.0/103 lookup 100 proto 98" in lab.rules(6)  # iproute2 prints it so too
+    assert await ask(traffic)
+    await asyncio.sleep(0.3)  # the pass the flip's own notifications start has run
+    st = dp.status()["reconcile"]
+    assert st["drift_repairs"] == 0 and st["errors"] == 0
+    assert dp.status()["objects"]["rules"] == 4
+    # a second flip the same way changes nothing and leaves a check behind that finds nothing
+    ops = st["operations"]
+    dp.flip(True)
+    await asyncio.sleep(0.3)
+    assert dp.status()["reconcile"]["operations"] == ops
+    assert dp.status()["reconcile"]["drift_repairs"] == 0
+    dp.flip(False)
+    assert "proto 98" not in lab.rules(4) + lab.rules(6)
+    assert not await ask(traffic)

@@ -7,13 +7,21 @@ kernel matches too: a rule or route of anybody else is never changed or removed.
 
 ``netns``: a named network namespace (``ip netns add``); the netlink socket is opened
 inside it (it is not created if missing).
+
+The takeover's flip of the delivery rules does not go through pyroute2's request path
+(0.3 to 0.6 ms of Python per rule on these machines): the rule requests are encoded once
+(:func:`encode_rule_request`), sent in one ``send`` on a dedicated netlink socket, and
+the kernel, which handles rtnetlink requests inside that system call, has queued every
+acknowledgement by the time it returns (:meth:`DeliveryRules.flip`).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
-from typing import Any, Iterable
+import struct
+from typing import Any, Iterable, Sequence
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -26,7 +34,13 @@ FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
 RT_TABLE_COMPAT = 252
+RTM_NEWRULE, RTM_DELRULE = 32, 33
 FIB_RULE_DETACHED = 0x8 | 0x10  # FIB_RULE_IIF_DETACHED | FIB_RULE_OIF_DETACHED
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+FRA_DST, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 1, 3, 6, 10, 15, 16, 21
+_NLMSG = struct.Struct("=IHHII")
+_FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table res1 res2 action flags
 _RULE_KNOWN = {"FRA_TABLE", "FRA_PROTOCOL", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_DST",
                "FRA_IIFNAME"}
 
@@ -86,6 +100,53 @@ def route_from_msg(msg: Any, lo_index: int) -> RouteSpec:
     )
 
 
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
+
+
+def encode_rule_request(rule: RuleSpec, add: bool, seq: int) -> bytes:
+    """The RTM_NEWRULE (``add``) or RTM_DELRULE request for ``rule``, as ``ip rule add``
+    sends it (create + exclusive, acknowledged). A rule read back from the kernel with
+    ``extra`` attributes cannot be encoded (only our own rule shapes are)."""
+    if rule.extra:
+        raise ValueError(f"cannot encode a rule with foreign attributes: {rule.describe()}")
+    family = AF[rule.family]
+    dst_len, dst = 0, b""
+    if rule.dst is not None:
+        addr, _, plen = rule.dst.partition("/")
+        dst, dst_len = socket.inet_pton(family, addr), int(plen)
+    attrs = [_attr(FRA_PRIORITY, struct.pack("=I", rule.priority)),
+             _attr(FRA_TABLE, struct.pack("=I", rule.table)),
+             _attr(FRA_PROTOCOL, struct.pack("=B", rule.protocol))]
+    if dst:
+        attrs.append(_attr(FRA_DST, dst))
+    if rule.fwmark is not None:
+        attrs.append(_attr(FRA_FWMARK, struct.pack("=I", rule.fwmark)))
+        attrs.append(_attr(FRA_FWMASK, struct.pack("=I", rule.mask if rule.mask is not None else FULL_MASK)))
+    if rule.iif is not None:
+        attrs.append(_attr(FRA_IIFNAME, rule.iif.encode() + b"\0"))
+    body = _FIB_RULE_HDR.pack(family, dst_len, 0, 0, rule.table if rule.table < 256 else RT_TABLE_COMPAT,
+                              0, 0, FR_ACT_TO_TBL, 0) + b"".join(attrs)
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
+    return _NLMSG.pack(_NLMSG.size + len(body), RTM_NEWRULE if add else RTM_DELRULE, flags, seq, 0) + body
+
+
+def parse_acks(data: bytes) -> dict[int, int]:
+    """Sequence number -> errno (0: done) of the NLMSG_ERROR messages in ``data``."""
+    out: dict[int, int] = {}
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, mtype, _flags, seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size:
+            break
+        if mtype == NLMSG_ERROR and off + _NLMSG.size + 4 <= len(data):
+            (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+            out[seq] = -err
+        off += (length + 3) & ~3
+    return out
+
+
 def _hashable(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
@@ -100,6 +161,8 @@ class DeliveryRules:
     def __init__(self, netns: str | None = None):
         self.netns = netns
         self._ipr: AsyncIPRoute | None = None
+        self._batch: socket.socket | None = None  # the flip's own rtnetlink socket
+        self._seq = 0
         self._lo_index = 1
 
     async def open(self) -> None:
@@ -112,11 +175,57 @@ class DeliveryRules:
         for link in links:
             if link.get("ifname") == "lo":
                 self._lo_index = link["index"]
+        self._batch = self._open_batch_socket()
+
+    def _open_batch_socket(self) -> socket.socket:
+        from ..announce import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
+        with in_netns(self.netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            sock.bind((0, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    def flip(self, rules: Sequence[RuleSpec], add: bool) -> list[tuple[RuleSpec, int | None]]:
+        """Add (or delete) ``rules`` in one system call. Returns each rule with its result:
+        0 done, an errno (EEXIST: already there; ENOENT: already gone) or None (no
+        acknowledgement: unknown). Never blocks."""
+        if self._batch is None:
+            raise RuntimeError("DeliveryRules.open() was not called")
+        self._drain_batch()  # stale acknowledgements of an earlier batch, if any
+        seqs = []
+        for _ in rules:
+            self._seq = self._seq % 0x7FFFFFFF + 1
+            seqs.append(self._seq)
+        self._batch.send(b"".join(encode_rule_request(r, add, s) for r, s in zip(rules, seqs)))
+        acks = self._drain_batch()
+        return [(r, acks.get(s)) for r, s in zip(rules, seqs)]
+
+    def _drain_batch(self) -> dict[int, int]:
+        assert self._batch is not None
+        acks: dict[int, int] = {}
+        for _ in range(64):  # bounded: a batch is a few rules
+            try:
+                data = self._batch.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                raise
+            acks.update(parse_acks(data))
+        return acks
 
     @property
     def ipr(self) -> AsyncIPRoute:
