@@ -76,6 +76,9 @@ CLONE_NEWNET = 0x40000000
 SLICE_S = 0.0005
 #: most frames per slice (also bounds the syscalls between two yields)
 SLICE_FRAMES = 256
+#: frames sent in line by ``start()``, before it returns: the router hears of a takeover
+#: before anything else the daemon does then (the rest follows in the burst task)
+LEAD_FRAMES = 8
 
 MAX_ANNOUNCED_VIPS = getattr(_config, "MAX_ANNOUNCED_VIPS", 65_536)
 
@@ -621,7 +624,30 @@ class Announcer:
         self.first_sent_at = None
         if self._responder is not None:
             self._responder.enable()
-        self._task = asyncio.get_running_loop().create_task(self._run(reason), name="announce")
+        lead = self._lead()
+        self._task = asyncio.get_running_loop().create_task(self._run(reason, lead), name="announce")
+
+    def _lead(self) -> dict[str, int]:
+        """Send the burst's first frames now (within the rate's first allowance).
+        Returns how many of each segment went out; the burst goes on from there."""
+        sock = self._sock
+        assert sock is not None
+        budget = min(LEAD_FRAMES, max(1, int(float(self.cfg.announce.rate_pps) * SLICE_S) or 1))
+        done: dict[str, int] = {}
+        for key, frames in self._segments:
+            k = 0
+            while k < len(frames) and budget > 0:
+                try:
+                    sock.send(frames[k])
+                except OSError:
+                    return done | {key: k}  # buffer full or link down: the burst deals with it
+                if self.first_sent_at is None:
+                    self.first_sent_at = time.monotonic()
+                self.sent[key] += 1
+                k += 1
+                budget -= 1
+            done[key] = k
+        return done
 
     def stop(self) -> None:
         """Step-down: no further frame leaves, no NS/ARP is answered."""
@@ -664,13 +690,13 @@ class Announcer:
 
     # -- sending --------------------------------------------------------------
 
-    async def _run(self, reason: str) -> None:
+    async def _run(self, reason: str, lead: dict[str, int] | None = None) -> None:
         ann = self.cfg.announce
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            self.log.info("announce.burst", reason=reason, round=0)
-            await self._burst()
+            self.log.info("announce.burst", reason=reason, round=0, lead_frames=sum((lead or {}).values()))
+            await self._burst(lead or {})
             for k in range(1, ann.repeats + 1):
                 delay = t0 + k * ann.repeat_interval_ms / 1000 - loop.time()
                 if delay > 0:
@@ -685,16 +711,18 @@ class Announcer:
         except Exception as exc:  # never kill the daemon over an announcement
             self.log.error("announce.failed", error=repr(exc))
 
-    async def _burst(self) -> None:
-        """One pass over all frames, at most rate_pps, yielding every SLICE_S."""
+    async def _burst(self, skip: dict[str, int] | None = None) -> None:
+        """One pass over all frames, at most rate_pps, yielding every SLICE_S.
+        ``skip``: frames of each segment already sent (by ``_lead``) just before."""
         sock = self._sock
         assert sock is not None
+        skip = skip or {}
         rate = float(self.cfg.announce.rate_pps)
         allowance = max(1, min(SLICE_FRAMES, int(rate * SLICE_S) or 1))
         start = time.monotonic()
-        sent = 0
+        sent = sum(skip.values())
         for key, frames in self._segments:
-            i = 0
+            i = skip.get(key, 0)
             n = len(frames)
             while i < n:
                 now = time.monotonic()

@@ -39,6 +39,7 @@ from .tracking import Tracker
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 RESUME_FILE = "resume-{node}.json"
+PRECISE_LEAD_S = 0.002  # the master-down timer wakes this early, then sleeps to the exact time
 
 
 @dataclass
@@ -312,8 +313,21 @@ class Daemon:
             self.timer.cancel()
             self.timer = None
         deadline = self.election.next_deadline()
-        if deadline is not None:
+        if deadline is None:
+            return
+        if deadline == self.election.master_down_at:
+            # asyncio rounds its wait up to the next millisecond: the master-down
+            # timer, the one a takeover waits for, wakes early and sleeps the rest
+            self.timer = self.loop.call_at(deadline - PRECISE_LEAD_S, self._precise_timer, deadline)
+        else:
             self.timer = self.loop.call_at(deadline, self._input, Input("timer"))
+
+    def _precise_timer(self, deadline: float) -> None:
+        self.timer = None
+        rest = deadline - self.loop.time()
+        if rest > 0:
+            time.sleep(rest)  # at most PRECISE_LEAD_S, and only when the master went silent
+        self._input(Input("timer"))
 
     # -- processing: one input at a time, in order -------------------------------
     #

@@ -399,7 +399,9 @@ class Election:
         self.yielded = False
         self.drain = None
         self.advert_at = now + self.interval
-        return [InstallDelivery(), self._advert(), StartAnnounce(reason)]
+        # delivery first (packets the router sends on must be taken), then the router
+        # is told, then the peers: the announcement is what ends the client's outage
+        return [InstallDelivery(), StartAnnounce(reason), self._advert()]
 
     def _arm_master_down(self, now: float, at_least: float = 0.0) -> None:
         self.master_down_at = now + max(self.master_down_interval(), at_least)
