@@ -353,9 +353,12 @@ class Dataplane:
                 if next_poll is not None:
                     deadlines.append(next_poll)
                 timeout = max(0.0, min(deadlines) - now)
+                # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that
+                # arrives as the event is set (a flip sets it), and this loop never ends
                 try:
-                    await asyncio.wait_for(self._trigger.wait(), timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(timeout):
+                        await self._trigger.wait()
+                except TimeoutError:
                     pass
                 now = loop.time()
                 if self._trigger.is_set():
