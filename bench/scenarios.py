@@ -154,7 +154,9 @@ class OursPair(Pair):
             ev = self.cluster[director].wait_transition("MASTER", timeout, after=after - 0.001)
         except topology.LabError:
             return None
-        return event_time(ev)
+        # the election's decision time: the line itself is written after the takeover's
+        # flip and first announcement (daemon._takeover_first)
+        return float(ev["decided_at"]) if "decided_at" in ev else event_time(ev)
 
     def status(self, director: str) -> dict[str, Any] | None:
         return self.cluster[director].status()

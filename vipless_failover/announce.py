@@ -622,9 +622,9 @@ class Announcer:
             self._task.cancel()
         self._active = True
         self.first_sent_at = None
+        lead = self._lead()  # first: the router hears it before anything else is done
         if self._responder is not None:
             self._responder.enable()
-        lead = self._lead()
         self._task = asyncio.get_running_loop().create_task(self._run(reason, lead), name="announce")
 
     def _lead(self) -> dict[str, int]:

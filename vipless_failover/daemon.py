@@ -39,6 +39,7 @@ from .tracking import Tracker
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 RESUME_FILE = "resume-{node}.json"
+MAX_ARRIVAL_LATE_S = 0.05  # a receive time older than this (a clock step?) is not used
 PRECISE_LEAD_S = 0.002  # the master-down timer wakes this early, then sleeps to the exact time
 
 
@@ -47,6 +48,7 @@ class Input:
     kind: str  # "advert" | "timer" | "command"
     payload: Any = None
     src: Any = None
+    at: float | None = None  # loop time it arrived (adverts: the kernel's receive time)
 
 
 class Daemon:
@@ -74,6 +76,8 @@ class Daemon:
         self.exit_code: int | None = None
         self.exit_restart = False
         self.done = asyncio.Event()
+        self._fsm_now = 0.0  # the last "now" the election was given (it never goes back)
+        self._decided_wall, self._decided_mono = time.time(), time.monotonic()  # of the step being handled
         self.waiters: list[tuple[str, asyncio.Future]] = []  # promote/demote waiting for completion
         self.history: deque[dict[str, Any]] = deque(maxlen=16)
         self.stats: Counter[str] = Counter()
@@ -282,7 +286,16 @@ class Daemon:
             return
         if msg.config_digest != self.digest:
             self.rejected["config_digest_mismatch"] += 1  # reported, not fatal
-        self._input(Input("advert", msg, src))
+        self._input(Input("advert", msg, src, self._arrival()))
+
+    def _arrival(self) -> float | None:
+        """Loop time the advert being handled reached the kernel: the master-down timer
+        counts from there, not from when Python got to it (a few hundred microseconds)."""
+        rx = self.transport.rx_wall if self.transport is not None else None
+        if rx is None:
+            return None
+        late = time.time() - rx
+        return self.now() - late if 0 <= late < MAX_ARRIVAL_LATE_S else None
 
     def submit_command(self, cmd: fsm.Command) -> None:
         self._input(Input("command", cmd))
@@ -349,7 +362,12 @@ class Daemon:
                 if any(self._needs_await(a) for a in actions):
                     self._pending = self.loop.create_task(self._process_async(actions), name="election")
                     return  # still busy: the task carries on with the queue
+                done = self._takeover_first(actions)
                 for action in actions:
+                    if id(action) in done:
+                        if isinstance(action, fsm.InstallDelivery):  # in order for the metrics
+                            self.telemetry.on_delivery_installed(done[id(action)], announcing=self._announcing())
+                        continue
                     self._do(action)
                 self._after_input()
             except Exception:  # a bug must not stop the election: log it, go on
@@ -374,6 +392,10 @@ class Daemon:
 
     def _call_fsm(self, item: Input) -> list[fsm.Action]:
         now = self.now()
+        if item.at is not None:
+            now = max(item.at, self._fsm_now)  # never before an input already handled
+        self._fsm_now = now
+        self._decided_wall, self._decided_mono = time.time(), time.monotonic()
         try:
             if item.kind == "advert":
                 return self.election.handle_advert(item.payload, item.src, now)
@@ -421,12 +443,31 @@ class Daemon:
                 except Exception as exc:  # noqa: BLE001
                     self.log.error("next_hop_error", error=str(exc))
 
+    def _announcing(self) -> bool:
+        return self.cfg.announce.mode != "none"
+
+    def _takeover_first(self, actions: list[fsm.Action]) -> dict[int, float]:
+        """A takeover's delivery flip and first announcement, before the other actions
+        of the same step (notices, the transition's log line, hooks and metrics, the
+        advert): what ends the client's outage goes first. In line only (the caller
+        checked that nothing needs to wait). Returns the actions done, with the time."""
+        flip = next((a for a in actions if isinstance(a, fsm.InstallDelivery)), None)
+        if flip is None:
+            return {}
+        self.dataplane.flip(True)
+        done = {id(flip): time.monotonic()}
+        for a in actions:
+            if isinstance(a, fsm.StartAnnounce):
+                self.announcer.start(a.reason)
+                done[id(a)] = time.monotonic()
+                break
+        return done
+
     def _do(self, action: fsm.Action) -> None:
         match action:
             case fsm.InstallDelivery():
                 self.dataplane.flip(True)
-                self.telemetry.on_delivery_installed(time.monotonic(),
-                                                     announcing=self.cfg.announce.mode != "none")
+                self.telemetry.on_delivery_installed(time.monotonic(), announcing=self._announcing())
             case fsm.WithdrawDelivery():
                 self.dataplane.flip(False)
             case fsm.SendAdvert():
@@ -464,11 +505,14 @@ class Daemon:
         self.stats["adverts_sent"] += 1
 
     def _transition(self, old: State, new: State, reason: str) -> None:
-        entry = {"from": old.name, "to": new.name, "reason": reason, "at": time.time()}
+        entry = {"from": old.name, "to": new.name, "reason": reason, "at": self._decided_wall}
         self.history.append(entry)
+        # decided_at: when the election decided (unix time); a takeover's flip and first
+        # announcement go out before this line is written (see _takeover_first)
         self.log.info("transition", **{"from": old.name, "to": new.name}, reason=reason,
-                      priority=self.election.priority, peer=self.election.master or "")
-        self.telemetry.on_transition(old.name, new.name, reason, time.monotonic())
+                      priority=self.election.priority, peer=self.election.master or "",
+                      decided_at=round(self._decided_wall, 6))
+        self.telemetry.on_transition(old.name, new.name, reason, self._decided_mono)
         self.hooks.transition(new.name, old.name, reason)
         self.notifier.status(self._systemd_status())
 

@@ -40,6 +40,7 @@ IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 IPV6_MULTICAST_ALL = getattr(socket, "IPV6_MULTICAST_ALL", 29)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_TIMESTAMPNS = 35  # SCM_TIMESTAMPNS has the same value
 
 #: TTL / hop limit of every advert sent, and the only one accepted.
 REQUIRED_TTL = 255
@@ -51,6 +52,7 @@ RECV_BYTES = 2048
 OnDatagram = Callable[[bytes, IPAddress], None]
 
 _INT = struct.Struct("@i")
+_TIMESPEC = struct.Struct("@qq")
 
 
 class TransportError(OSError):
@@ -77,7 +79,10 @@ class AdvertTransport:
         self._pktinfo = self._source_pktinfo() if self.mode == "multicast" else []
         self._ttl_cmsg = ((socket.IPPROTO_IP, socket.IP_TTL) if self.family == 4
                           else (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT))
-        self._ancbufsize = socket.CMSG_SPACE(_INT.size) * 2
+        self._ancbufsize = socket.CMSG_SPACE(_INT.size) * 2 + socket.CMSG_SPACE(_TIMESPEC.size)
+        #: the kernel's receive time (unix time, SO_TIMESTAMPNS) of the datagram being
+        #: handed to ``on_datagram``; None if the kernel gave none
+        self.rx_wall: float | None = None
         self._last_send_error: str | None = None
         self._closed = False
         # counters (exported as metrics by the daemon)
@@ -186,9 +191,13 @@ class AdvertTransport:
             self._drop_log("oversize", src, self.oversize_drops)
             return
         ttl = None
+        self.rx_wall = None
         for level, kind, value in ancdata:
             if (level, kind) == self._ttl_cmsg and len(value) >= _INT.size:
                 ttl = _INT.unpack_from(value)[0]
+            elif (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS) and len(value) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(value)
+                self.rx_wall = sec + nsec / 1e9
         if ttl != REQUIRED_TTL:
             self.ttl_drops += 1
             self._drop_log("ttl", src, self.ttl_drops, ttl=ttl)
@@ -261,6 +270,7 @@ def _optional(sock: socket.socket, level: int, option: int, value: int) -> None:
 
 def _common(sock: socket.socket, cfg: Config) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # the master-down timer counts from arrival
     sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.node.interface.encode())
     if cfg.node.address.version == 4:
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
