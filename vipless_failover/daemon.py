@@ -359,24 +359,32 @@ class Daemon:
         while self.queue:
             try:
                 actions = self._call_fsm(self.queue.popleft())
-                if any(self._needs_await(a) for a in actions):
-                    self._pending = self.loop.create_task(self._process_async(actions), name="election")
-                    return  # still busy: the task carries on with the queue
                 done = self._takeover_first(actions)
+                if any(self._needs_await(a) for a in actions if id(a) not in done):
+                    self._pending = self.loop.create_task(self._process_async(actions, done), name="election")
+                    return  # still busy: the task carries on with the queue
                 for action in actions:
-                    if id(action) in done:
-                        if isinstance(action, fsm.InstallDelivery):  # in order for the metrics
-                            self.telemetry.on_delivery_installed(done[id(action)], announcing=self._announcing())
-                        continue
-                    self._do(action)
+                    if not self._already(action, done):
+                        self._do(action)
                 self._after_input()
             except Exception:  # a bug must not stop the election: log it, go on
                 self.log.exception("internal_error")
         self._busy = False
 
-    async def _process_async(self, actions: list[fsm.Action]) -> None:
+    def _already(self, action: fsm.Action, done: dict[int, float]) -> bool:
+        """Whether _takeover_first did ``action``; reaching its place, the metrics hear of it."""
+        if id(action) not in done:
+            return False
+        if isinstance(action, fsm.InstallDelivery):
+            self.telemetry.on_delivery_installed(done[id(action)], announcing=self._announcing())
+        return True
+
+    async def _process_async(self, actions: list[fsm.Action], done: dict[int, float] | None = None) -> None:
+        done = done or {}
         try:
             for action in actions:
+                if self._already(action, done):
+                    continue
                 if self._needs_await(action):
                     await self._do_async(action)
                 else:
@@ -449,15 +457,16 @@ class Daemon:
     def _takeover_first(self, actions: list[fsm.Action]) -> dict[int, float]:
         """A takeover's delivery flip and first announcement, before the other actions
         of the same step (notices, the transition's log line, hooks and metrics, the
-        advert): what ends the client's outage goes first. In line only (the caller
-        checked that nothing needs to wait). Returns the actions done, with the time."""
+        advert): what ends the client's outage goes first. In line, when the flip can
+        be (next-hop mode's address is added in the task that follows). Returns the
+        actions done, with the time."""
         flip = next((a for a in actions if isinstance(a, fsm.InstallDelivery)), None)
-        if flip is None:
+        if flip is None or not self.dataplane.flip_ready():
             return {}
         self.dataplane.flip(True)
         done = {id(flip): time.monotonic()}
         for a in actions:
-            if isinstance(a, fsm.StartAnnounce):
+            if isinstance(a, fsm.StartAnnounce) and not self._needs_await(a):  # next-hop: in the task
                 self.announcer.start(a.reason)
                 done[id(a)] = time.monotonic()
                 break
