@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -1099,6 +1100,15 @@ def _rss_mb(pids: Sequence[int]) -> float:
     return total / 1024
 
 
+def resume(pids: Sequence[int]) -> None:
+    """SIGCONT what :meth:`CostSession.pause` stopped."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 class CostSession:
     """An idle pair at 100 ms adverts in its own lab, kept up while the driver takes
     interleaved measurement windows (ours, keepalived, ours ...): CPU seconds per
@@ -1136,6 +1146,18 @@ class CostSession:
                 return
             time.sleep(0.5)
         self.error = f"set-up: announcements still running after {bound:.0f} s"
+
+    def pause(self) -> list[int]:
+        """SIGSTOP every daemon process of this session; returns the PIDs stopped."""
+        stopped = []
+        for d in (A, B):
+            for pid in self.pair.pids(d):
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+                except ProcessLookupError:
+                    pass
+        return stopped
 
     def measure(self, index: int, window_s: float) -> list[Trial]:
         if self.error:
