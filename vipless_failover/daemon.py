@@ -35,6 +35,7 @@ from .metrics import MetricsServer, build_registry
 from .nexthop import NextHopAddress
 from .systemd import Notifier, role_status
 from .tracking import Tracker
+from .aio import within
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
@@ -554,7 +555,7 @@ class Daemon:
         self.waiters.append((what, fut))
         self.submit_command(cmd)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await within(fut, timeout)
         except asyncio.TimeoutError:
             return {"ok": False, "error": f"{what} did not complete within {timeout:g} s "
                                           f"(state {self.election.state.name})"}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .config import NotifyConfig
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, within
 
 QUEUE_MAX = 64
 RESULTS = ("ok", "failed", "timeout", "error", "dropped")
@@ -70,7 +70,7 @@ async def run_command(argv: Sequence[str], env: dict[str, str] | None, timeout: 
     except OSError as exc:
         return "error", f"{argv[0]}: {exc.strerror or exc}"
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        _, err = await within(proc.communicate(), timeout)
     except asyncio.TimeoutError:
         _kill_group(proc)
         await proc.wait()
@@ -151,7 +151,7 @@ class NotifyHooks:
         graceful stop are reported too), then cancel and kill whatever still runs."""
         if grace > 0 and self._queues:
             try:
-                await asyncio.wait_for(asyncio.gather(*(q.join() for q in self._queues)), grace)
+                await within(asyncio.gather(*(q.join() for q in self._queues)), grace)
             except asyncio.TimeoutError:
                 pass
         await cancel_and_wait(self._tasks)

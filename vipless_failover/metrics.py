@@ -30,6 +30,7 @@ from prometheus_client.exposition import generate_latest
 #: the classic text format: every Prometheus 2.x understands it (our names need no escaping)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 from prometheus_client.registry import Collector
+from .aio import within
 
 PREFIX = "vipless_failover"
 STATES = ("INIT", "BACKUP", "MASTER", "FAULT")
@@ -282,7 +283,7 @@ class MetricsServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            head = await within(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return

@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass
 
 from .desired import NFT_CHAIN, NFT_TABLE, ActualMarks, MarkTableSpec
+from ..aio import within
 
 CHAIN_HEADER = "type filter hook prerouting priority mangle; policy accept;"
 NFT_TIMEOUT_S = 10.0
@@ -126,7 +127,7 @@ class MarkTable:
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(
+            out, err = await within(
                 proc.communicate(stdin.encode() if stdin is not None else None), NFT_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             if proc.returncode is None:
