@@ -331,7 +331,7 @@ class Daemon:
             return
         if deadline == self.election.master_down_at:
             # asyncio rounds its wait up to the next millisecond: the master-down
-            # timer, the one a takeover waits for, wakes early and sleeps the rest
+            # timer, the one a takeover waits for, wakes early and spins the rest
             self.timer = self.loop.call_at(deadline - PRECISE_LEAD_S, self._precise_timer, deadline)
         else:
             self.timer = self.loop.call_at(deadline, self._input, Input("timer"))
