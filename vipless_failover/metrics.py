@@ -26,11 +26,12 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from .aio import within
 
 #: the classic text format: every Prometheus 2.x understands it (our names need no escaping)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-from prometheus_client.registry import Collector
-from .aio import within
 
 PREFIX = "vipless_failover"
 STATES = ("INIT", "BACKUP", "MASTER", "FAULT")

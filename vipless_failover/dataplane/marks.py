@@ -24,8 +24,8 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from .desired import NFT_CHAIN, NFT_TABLE, ActualMarks, MarkTableSpec
 from ..aio import within
+from .desired import NFT_CHAIN, NFT_TABLE, ActualMarks, MarkTableSpec
 
 CHAIN_HEADER = "type filter hook prerouting priority mangle; policy accept;"
 NFT_TIMEOUT_S = 10.0
