@@ -1,11 +1,14 @@
 """``python -m bench``: vipless-failover and keepalived side by side, in one run (root).
 
-    python -m bench [--trials 10] [--sizes 1,1024,16384,65536] [--figures crash,graceful,scale,cost,flood]
-                    [--out bench/results] [--cost-window 20] [--quick] [--merge] [--report-only]
+    python -m bench [--trials 10] [--sizes 1,1024,16384,65536]
+                    [--figures crash,graceful,flood,cost,scale,soak] [--out bench/results]
+                    [--cost-window 20] [--soak-min 30] [--soak-sample 30] [--quick] [--merge]
+                    [--report-only]
 
 Every figure of issue 7, each with ``--trials`` trials per daemon interleaved (ours,
 keepalived, ours, keepalived ...) in namespace labs of netnslab; every trial has a time
-bound and a bound hit is reported as such. Writes ``results.json`` (every trial, after
+bound and a bound hit is reported as such. The soak runs both daemons idle side by side
+for ``--soak-min`` minutes and follows their memory. Writes ``results.json`` (every trial, after
 each figure), ``results.md`` (the table, also printed), ``machine.txt`` and PNG plots to
 ``--out``. ``--quick`` is a smoke run (2 trials, small sizes, short windows).
 ``--merge`` with a subset of ``--figures`` keeps the other figures' trials of the
@@ -32,7 +35,7 @@ from . import scenarios as S
 from .keepalived import KEEPALIVED
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("crash", "graceful", "flood", "cost", "scale")
+FIGURES = ("crash", "graceful", "flood", "cost", "scale", "soak")
 
 
 def machine_info() -> dict[str, str]:
@@ -144,6 +147,18 @@ def fig_cost(run: Run, sizes: list[int], window_s: float, settle_s: float) -> No
         run.save()
 
 
+def fig_soak(run: Run, minutes: float, sample_s: float, settle_s: float) -> None:
+    sessions: dict[str, S.CostSession] = {}
+    try:
+        for kind in S.DAEMONS:
+            sessions[kind] = S.CostSession(kind, 2, settle_s)
+        run.safe("soak", "2 VIPs", "both", 0, lambda: S.soak(sessions, minutes, sample_s))
+    finally:
+        for s in sessions.values():
+            s.close()
+    run.save()
+
+
 def fig_flood(run: Run) -> None:
     for i in range(run.n):
         for kind in S.DAEMONS:
@@ -155,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--sizes", default="1,1024,16384,65536")
-    ap.add_argument("--figures", default="crash,graceful,flood,cost,scale")
+    ap.add_argument("--figures", default="crash,graceful,flood,cost,scale,soak")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--cost-window", type=float, default=20.0,
                     help="seconds per cost window (CPU time is read in nanoseconds from each thread's "
                          "schedstat, plus reaped children's time; default 20)")
+    ap.add_argument("--soak-min", type=float, default=30.0,
+                    help="minutes of the soak: both daemons idle side by side, RSS sampled (default 30)")
+    ap.add_argument("--soak-sample", type=float, default=30.0, help="seconds between soak samples (default 30)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
     ap.add_argument("--merge", action="store_true",
                     help="keep the trials of the figures not in --figures from the existing results.json in "
@@ -173,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.trials, sizes, args.cost_window = 2, [s for s in sizes if s <= 1024] or [1], 3.0
+        args.soak_min, args.soak_sample = 2.0, 10.0
     run = Run(out, args.trials)
     figures = args.figures.split(",")
     unknown = [f for f in figures if f not in FIGURES]
@@ -219,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                          settle_s=5.0 if not args.quick else 2.0)
             elif fig == "flood":
                 fig_flood(run)
+            elif fig == "soak":
+                fig_soak(run, args.soak_min, args.soak_sample, settle_s=5.0 if not args.quick else 2.0)
         info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
         (out / "machine.json").write_text(json.dumps(info, indent=1))
         (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")

@@ -204,6 +204,32 @@ def table_cost(trials: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def table_soak(trials: Sequence[dict[str, Any]]) -> list[str]:
+    from .scenarios import SOAK_PROJECTION_DAYS as DAYS, SOAK_RSS_TARGET_MB as TARGET
+    lines = ["| role, VIPs | daemon | minutes | RSS MB start / max / end | growth, second half, kB/min | "
+             f"RSS MB projected at {DAYS} days | % of one core over the run | target (ours) | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (fig, variant), by_daemon in group(trials).items():
+        if fig != "soak":
+            continue
+        for daemon in ("ours", "keepalived"):
+            for t in by_daemon.get(daemon, []):
+                d = t.get("details") or {}
+                tgt = res = ""
+                if daemon == "ours":
+                    tgt = f"RSS < {TARGET:g} MB throughout and at {DAYS} days (second half's growth projected)"
+                    ok = (t["value_ms"] is not None and not t["note"] and d.get("rss_max_mb", math.inf) < TARGET
+                          and d.get(f"projected_mb_{DAYS}d", math.inf) < TARGET)
+                    res = "met" if ok else "**MISSED**" + (f" ({t['note']})" if t["note"] else "")
+                if t["value_ms"] is None:
+                    lines.append(f"| {variant} | {daemon} | - | - | - | - | - | {tgt} | {res or t['note']} |")
+                    continue
+                lines.append(f"| {variant} | {daemon} | {fmt(d['minutes'])} | {d['rss_start_mb']:.1f} / "
+                             f"{d['rss_max_mb']:.1f} / {d['rss_end_mb']:.1f} | {t['value_ms']:+.2f} | "
+                             f"{d[f'projected_mb_{DAYS}d']:.1f} | {fmt(d['core_pct'])} | {tgt} | {res} |")
+    return lines
+
+
 def table_flood(trials: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["| daemon | trials | took over | backup CPU during flood, % of one core (median / max) | "
              "forged sent per trial | master adverts accepted by the backup (median; expected ~100) | target | result |",
@@ -275,7 +301,13 @@ def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], plots: S
            "Ours: our wire format with a wrong key (to the election group, from the router's LAN address). "
            "keepalived: VRRPv3 with a VRID it does not run (VRRPv3 has no authentication, so a forged "
            "advert with the right VRID cannot be rejected at all).", "",
-           *_or_not_run(table_flood(trials)), ""]
+           *_or_not_run(table_flood(trials)), "",
+           "## Soak: memory at rest over time (100 ms adverts, idle, 2 VIPs)", "",
+           "Both daemons run idle side by side, each pair in its own lab; the RSS of each master and backup "
+           "(keepalived: parent + VRRP child) is sampled at a fixed interval. Growth = least-squares slope over "
+           "the second half of the run (the first half is warm-up), projected linearly to show where a month "
+           "of it would lead.", "",
+           *_or_not_run(table_soak(trials)), ""]
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(out)
@@ -344,6 +376,26 @@ def plots(trials: Sequence[dict[str, Any]], outdir: Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         p = outdir / "takeover_vs_vips.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(str(p))
+    soak = [t for t in trials if t["figure"] == "soak" and (t.get("details") or {}).get("series")]
+    if soak:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        colors = {"ours": "tab:blue", "keepalived": "tab:orange"}
+        for t in soak:
+            ser = t["details"]["series"]
+            role = t["variant"].split(",")[0]
+            ax.plot([x / 60 for x, _ in ser], [v - ser[0][1] for _, v in ser], "-" if role == "master" else "--",
+                    color=colors.get(t["daemon"], "k"),
+                    label=f"{t['daemon']} {role} (from {ser[0][1] / 1024:.1f} MB)")
+        ax.set_xlabel("minutes")
+        ax.set_ylabel("RSS growth since the first sample (kB)")
+        ax.set_title("Soak: RSS of idle daemons (100 ms adverts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = outdir / "soak_rss.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         made.append(str(p))
