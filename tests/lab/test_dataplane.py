@@ -17,9 +17,11 @@ director does not forward, so without delivery the request is dropped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import secrets
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -447,3 +449,47 @@ async def test_flip_is_in_line_and_what_it_installs_reads_back_unchanged(lab: La
     dp.flip(False)
     assert "proto 98" not in lab.rules(4) + lab.rules(6)
     assert not await ask(traffic)
+
+
+async def test_reads_find_ours_in_a_large_table_over_several_dump_chunks(lab: Lab) -> None:
+    """The reconciler's reads are bare dumps on a socket of their own (rules.py): they
+    must span several 64 kB chunks, skip other protocols and tables, and start afresh
+    after a dump abandoned half read."""
+    from vipless_failover.dataplane.desired import RouteSpec, RuleSpec
+    from vipless_failover.dataplane.rules import RTM_GETROUTE, DeliveryRules
+
+    # 3,000 IPv6 routes of another protocol in another table: several chunks of a dump
+    batch = "".join(f"route add unreachable 2001:db8:f:{i:x}::/64 table 200 proto 99\n" for i in range(3000))
+    subprocess.run(["ip", "-6", "-n", lab.d, "-batch", "-"], input=batch, text=True, check=True, timeout=60)
+    for cmd in (("ip", "route", "add", "local", "default", "dev", "lo", "table", "100", "proto", "98"),
+                ("ip", "-6", "route", "add", "local", "default", "dev", "lo", "table", "100", "proto", "98"),
+                ("ip", "route", "add", "local", "default", "dev", "lo", "table", "300", "proto", "98"),
+                ("ip", "route", "add", "unreachable", "198.51.100.0/24", "table", "100", "proto", "99"),
+                ("ip", "-6", "rule", "add", "prio", "100", "fwmark", "1", "table", "100", "proto", "98"),
+                ("ip", "rule", "add", "prio", "100", "to", "198.51.100.0/24", "table", "100", "proto", "98"),
+                ("ip", "rule", "add", "prio", "100", "fwmark", "7", "table", "100", "proto", "99")):
+        lab.run(*cmd)
+    rules = DeliveryRules(netns=lab.d)
+    await rules.open()
+    try:
+        want_routes = {RouteSpec(4, 100, 98, "0.0.0.0/0"), RouteSpec(6, 100, 98, "::/0")}
+        want_rules = {RuleSpec(6, 100, 100, 98, fwmark=1, mask=0xFFFFFFFF),
+                      RuleSpec(4, 100, 100, 98, dst="198.51.100.0/24")}
+        assert await rules.read_routes([98], [100]) == want_routes
+        assert await rules.read_rules([98]) == want_rules
+        # the foreign routes are there and span more than one chunk
+        foreign = await rules._dump(RTM_GETROUTE, socket.AF_INET6, lambda data, off: True)
+        assert sum(1 for m in foreign if m["proto"] == 99) == 3000
+        assert sum(len(m.data) for m in foreign) > 3 * (1 << 16)
+        # a dump abandoned half read: the kernel would refuse the next one on that socket
+        # (EBUSY); the read fails once, then works on a fresh socket
+        sock = rules._dump_sock
+        assert sock is not None
+        sock.send(struct.pack("=IHHII", 28, RTM_GETROUTE, 0x301, 0x7FFFFFF0, 0) + bytes([socket.AF_INET6]) + bytes(11))
+        with pytest.raises(OSError) as exc:
+            await rules.read_routes([98], [100])
+        assert exc.value.errno == errno.EBUSY
+        assert rules._dump_sock is not sock and sock.fileno() == -1
+        assert await rules.read_routes([98], [100]) == want_routes
+    finally:
+        rules.close()

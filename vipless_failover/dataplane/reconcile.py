@@ -58,7 +58,6 @@ RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE = 7
 NFNLGRP_NFTABLES = 7
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
 DEBOUNCE_S = 0.02
-AT_REST_CAUSES = ("periodic", "poll")  # passes after which the runner collects garbage
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 NFT_POLL_S = 0.25  # fallback when nftables notifications cannot be subscribed
 DRIFT_CAUSES = ("notify", "periodic", "poll")
@@ -389,15 +388,16 @@ class Dataplane:
                 else:
                     continue
                 await self._reconcile(cause, parts)
-                if cause in AT_REST_CAUSES:
-                    # A pass leaves ~600 objects in reference cycles (pyroute2's parsed
-                    # messages). The daemon froze its start-up heap (gc.freeze), and at
-                    # rest it allocates so little that the collector's own thresholds
-                    # are reached only every few minutes (generation 1) or hour
-                    # (generation 2): RSS crept by ~100 kB a minute until then. Only
-                    # objects made since the freeze are scanned: ~0.2 ms, 65,536 VIPs
-                    # or 2. Not after a notified or verify pass: one may follow a
-                    # takeover while its announcements run.
+                if cause == "periodic":
+                    # A full pass leaves ~600 objects in reference cycles (pyroute2's
+                    # parsed messages). The daemon froze its start-up heap (gc.freeze),
+                    # and at rest it allocates so little that the collector's own
+                    # thresholds are reached only every few minutes (generation 1) or
+                    # hour (generation 2): RSS crept by ~100 kB a minute until then.
+                    # Only objects made since the freeze are scanned: ~0.2 ms, 65,536
+                    # VIPs or 2. Not after a notified or verify pass (one may follow a
+                    # takeover while its announcements run), nor after the nft poll
+                    # (every 250 ms where nftables notifications are unavailable).
                     gc.collect()
             except asyncio.CancelledError:
                 raise

@@ -12,19 +12,25 @@ The takeover's flip of the delivery rules does not go through pyroute2's request
 (0.3 to 0.6 ms of Python per rule on these machines): the rule requests are encoded once
 (:func:`encode_rule_request`), sent in one ``send`` on a dedicated netlink socket, and
 the kernel, which handles rtnetlink requests inside that system call, has queued every
-acknowledgement by the time it returns (:meth:`DeliveryRules.flip`).
+acknowledgement by the time it returns (:meth:`DeliveryRules.flip`). The reads of every
+reconcile pass are bare dump requests on another socket of our own (:meth:`DeliveryRules._dump`),
+decoded by pyroute2's parser; pyroute2's request layer serves the rare changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import struct
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from .desired import (AddRoute, AddRule, DeleteRoute, DeleteRule, FULL_MASK, RouteSpec, RuleSpec)
 
@@ -34,10 +40,13 @@ FR_ACT_TO_TBL = 1
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
 RT_TABLE_COMPAT = 252
-RTM_NEWRULE, RTM_DELRULE = 32, 33
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE, RTM_GETROUTE = 32, 33, 34, 26
 FIB_RULE_DETACHED = 0x8 | 0x10  # FIB_RULE_IIF_DETACHED | FIB_RULE_OIF_DETACHED
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_DUMP_INTR = 0x10
+DUMP_TIMEOUT_S = 5.0
+DUMP_ATTEMPTS = 3  # a dump the kernel flags as interrupted (changed meanwhile) is redone
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
 FRA_DST, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 1, 3, 6, 10, 15, 16, 21
 _NLMSG = struct.Struct("=IHHII")
 _FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table res1 res2 action flags
@@ -162,6 +171,7 @@ class DeliveryRules:
         self.netns = netns
         self._ipr: AsyncIPRoute | None = None
         self._batch: socket.socket | None = None  # the flip's own rtnetlink socket
+        self._dump_sock: socket.socket | None = None  # the reads' (dumps) own rtnetlink socket
         self._seq = 0
         self._lo_index = 1
 
@@ -176,6 +186,7 @@ class DeliveryRules:
             if link.get("ifname") == "lo":
                 self._lo_index = link["index"]
         self._batch = self._open_batch_socket()
+        self._dump_sock = self._open_batch_socket()
 
     def _open_batch_socket(self) -> socket.socket:
         from ..announce import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
@@ -193,9 +204,10 @@ class DeliveryRules:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        if self._batch is not None:
-            self._batch.close()
-            self._batch = None
+        for sock in (self._batch, self._dump_sock):
+            if sock is not None:
+                sock.close()
+        self._batch = self._dump_sock = None
 
     def flip(self, rules: Sequence[RuleSpec], add: bool) -> list[tuple[RuleSpec, int | None]]:
         """Add (or delete) ``rules`` in one system call. Returns each rule with its result:
@@ -233,12 +245,88 @@ class DeliveryRules:
             raise RuntimeError("DeliveryRules.open() was not called")
         return self._ipr
 
+    # The reads below run at every reconcile pass (every 30 s at rest), so they do not go
+    # through pyroute2's request layer (``ipr.rule("dump")``, ``ipr.route("dump")``): its
+    # argument processing looks ``get_<field>`` up with a new string per field and
+    # request, which CPython's type attribute cache keeps alive (up to 4,096 of them,
+    # keyed by address), and each request's sequence number stays banned for the next
+    # 255 requests, a list that takes half an hour to fill at this rate: an idle
+    # daemon's RSS crept for hours before reaching its plateau. Here: one bare dump
+    # request on a socket of our own; a route is decoded (pyroute2's ``rtmsg``) only when
+    # its header carries one of our protocols, so a director with a large routing table
+    # does not pay Python's decoding for routes that are not ours. The loop runs between
+    # two chunks of a dump.
+
+    async def _dump(self, msg_type: int, family: int,
+                    keep: Callable[[bytes, int], bool] | None = None) -> list[Any]:
+        """The messages of one rtnetlink dump (``RTM_GETRULE`` or ``RTM_GETROUTE``) of
+        ``family``, decoded; ``keep(data, offset)``, if given, picks the messages worth
+        decoding by their raw bytes. Raises OSError (the kernel refused: its errno;
+        TimeoutError: no end within 5 s)."""
+        if self._dump_sock is None:
+            raise RuntimeError("DeliveryRules.open() was not called")
+        try:
+            return await self._dump_on(self._dump_sock, msg_type, family, keep)
+        except BaseException:
+            # a dump left half read (an error, the time bound, a cancel) would make the
+            # kernel refuse the next one on this socket (EBUSY): start afresh
+            self._dump_sock.close()
+            self._dump_sock = None
+            try:
+                self._dump_sock = self._open_batch_socket()
+            except OSError:
+                pass  # the next read raises "not open"; the reconciler retries
+            raise
+
+    async def _dump_on(self, sock: socket.socket, msg_type: int, family: int,
+                       keep: Callable[[bytes, int], bool] | None) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        cls = fibmsg if msg_type == RTM_GETRULE else rtmsg
+        out: list[Any] = []
+        for _ in range(DUMP_ATTEMPTS):
+            self._seq = self._seq % 0x7FFFFFFF + 1
+            seq = self._seq
+            # fib_rule_hdr and rtmsg are both 12 bytes, family first; all zero = no filter
+            await loop.sock_sendall(sock, _NLMSG.pack(_NLMSG.size + 12, msg_type, NLM_F_REQUEST | NLM_F_DUMP,
+                                                      seq, 0) + bytes([family]) + bytes(11))
+            out = []
+            interrupted = done = False
+            async with asyncio.timeout(DUMP_TIMEOUT_S):
+                while not done:
+                    data = await loop.sock_recv(sock, 1 << 16)
+                    offset = 0
+                    while offset + _NLMSG.size <= len(data):
+                        length, mtype, flags, mseq, _ = _NLMSG.unpack_from(data, offset)
+                        if length < _NLMSG.size:
+                            raise OSError(errno.EBADMSG, f"netlink message of length {length}")
+                        if mseq == seq:  # else: the rest of something abandoned
+                            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                            if mtype == NLMSG_ERROR:
+                                err = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                                if err:
+                                    raise OSError(err, f"dump refused: {os.strerror(err)}")
+                                done = True
+                                break
+                            if mtype == NLMSG_DONE:
+                                done = True
+                                break
+                            if keep is None or keep(data, offset):
+                                msg = cls(data[offset:offset + length])
+                                msg.decode()
+                                out.append(msg)
+                        offset += (length + 3) & ~3
+                    if not done:
+                        await asyncio.sleep(0)  # let the loop run between two chunks
+            if not interrupted:
+                return out
+        return out  # changed under every attempt: as read; the next pass reads again
+
     async def read_rules(self, protocols: Iterable[int]) -> frozenset[RuleSpec]:
         """Our rules (IPv4 and IPv6) carrying one of ``protocols``."""
         protos = set(protocols)
         out: set[RuleSpec] = set()
         for af in (socket.AF_INET, socket.AF_INET6):
-            async for msg in await self.ipr.rule("dump", family=af):
+            for msg in await self._dump(RTM_GETRULE, af):
                 if msg.get("FRA_PROTOCOL") in protos:
                     out.add(rule_from_msg(msg))
         return frozenset(out)
@@ -246,12 +334,15 @@ class DeliveryRules:
     async def read_routes(self, protocols: Iterable[int], tables: Iterable[int]) -> frozenset[RouteSpec]:
         """Our routes (any type) carrying one of ``protocols`` in ``tables``."""
         protos, tabs = set(protocols), set(tables)
+
+        def ours(data: bytes, offset: int) -> bool:  # rtm_protocol: byte 5 of struct rtmsg
+            return data[offset + _NLMSG.size + 5] in protos
+
         out: set[RouteSpec] = set()
         for af in (socket.AF_INET, socket.AF_INET6):
-            for table in sorted(tabs):
-                async for msg in await self.ipr.route("dump", family=af, table=table):
-                    if msg["proto"] in protos and msg.get("RTA_TABLE", msg["table"]) in tabs:
-                        out.add(route_from_msg(msg, self._lo_index))
+            for msg in await self._dump(RTM_GETROUTE, af, ours):
+                if msg["proto"] in protos and msg.get("RTA_TABLE", msg["table"]) in tabs:
+                    out.add(route_from_msg(msg, self._lo_index))
         return frozenset(out)
 
     async def apply(self, op: AddRule | DeleteRule | AddRoute | DeleteRoute) -> None:
