@@ -313,6 +313,15 @@ def markdown(trials: Sequence[dict[str, Any]], machine: dict[str, str], plots: S
     return "\n".join(out)
 
 
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plots(trials: Sequence[dict[str, Any]], outdir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -341,11 +350,7 @@ def plots(trials: Sequence[dict[str, Any]], outdir: Path) -> list[str]:
         ax.set_ylabel("client-visible outage (ms)")
         ax.set_title("Outage per trial (5 ms probing)")
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        p = outdir / "outage.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(str(p))
+        made.append(_save(fig, outdir / "outage.png"))
     scale = [(k, v) for k, v in g.items() if k[0] == "scale"]
     if scale:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -374,11 +379,7 @@ def plots(trials: Sequence[dict[str, Any]], outdir: Path) -> list[str]:
         ax.set_title("Takeover time vs number of VIPs")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = outdir / "takeover_vs_vips.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(str(p))
+        made.append(_save(fig, outdir / "takeover_vs_vips.png"))
     soak = [t for t in trials if t["figure"] == "soak" and (t.get("details") or {}).get("series")]
     if soak:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -394,9 +395,5 @@ def plots(trials: Sequence[dict[str, Any]], outdir: Path) -> list[str]:
         ax.set_title("Soak: RSS of idle daemons (100 ms adverts)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = outdir / "soak_rss.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(str(p))
+        made.append(_save(fig, outdir / "soak_rss.png"))
     return made
