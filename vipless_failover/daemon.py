@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, config as config_mod
+from .aio import within
 from .announce import Announcer, check_interface
 from .control import ControlError, ControlServer, Peer
 from .dataplane.ipvs import missing_schedulers
@@ -35,7 +36,6 @@ from .metrics import MetricsServer, build_registry
 from .nexthop import NextHopAddress
 from .systemd import Notifier, role_status
 from .tracking import Tracker
-from .aio import within
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long

@@ -25,7 +25,7 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -141,18 +141,32 @@ def encode_rule_request(rule: RuleSpec, add: bool, seq: int) -> bytes:
     return _NLMSG.pack(_NLMSG.size + len(body), RTM_NEWRULE if add else RTM_DELRULE, flags, seq, 0) + body
 
 
+def _nlmsgs(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(offset, length, type, flags, sequence number) of each netlink message in
+    ``data``. A message shorter than its own header is yielded last: nothing after it
+    can be found; the caller decides what that means."""
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, mtype, flags, seq, _pid = _NLMSG.unpack_from(data, off)
+        yield off, length, mtype, flags, seq
+        if length < _NLMSG.size:
+            return
+        off += (length + 3) & ~3
+
+
+def _nlmsg_errno(data: bytes, off: int) -> int:
+    """The errno (0: done) of the NLMSG_ERROR message at ``off``."""
+    return -struct.unpack_from("=i", data, off + _NLMSG.size)[0]
+
+
 def parse_acks(data: bytes) -> dict[int, int]:
     """Sequence number -> errno (0: done) of the NLMSG_ERROR messages in ``data``."""
     out: dict[int, int] = {}
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, mtype, _flags, seq, _pid = _NLMSG.unpack_from(data, off)
+    for off, length, mtype, _flags, seq in _nlmsgs(data):
         if length < _NLMSG.size:
             break
         if mtype == NLMSG_ERROR and off + _NLMSG.size + 4 <= len(data):
-            (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
-            out[seq] = -err
-        off += (length + 3) & ~3
+            out[seq] = _nlmsg_errno(data, off)
     return out
 
 
@@ -185,10 +199,10 @@ class DeliveryRules:
         for link in links:
             if link.get("ifname") == "lo":
                 self._lo_index = link["index"]
-        self._batch = self._open_batch_socket()
-        self._dump_sock = self._open_batch_socket()
+        self._batch = self._open_socket()
+        self._dump_sock = self._open_socket()
 
-    def _open_batch_socket(self) -> socket.socket:
+    def _open_socket(self) -> socket.socket:
         from ..announce import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
         with in_netns(self.netns):
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -216,13 +230,15 @@ class DeliveryRules:
         if self._batch is None:
             raise RuntimeError("DeliveryRules.open() was not called")
         self._drain_batch()  # stale acknowledgements of an earlier batch, if any
-        seqs = []
-        for _ in rules:
-            self._seq = self._seq % 0x7FFFFFFF + 1
-            seqs.append(self._seq)
+        seqs = [self._next_seq() for _ in rules]
         self._batch.send(b"".join(encode_rule_request(r, add, s) for r, s in zip(rules, seqs)))
         acks = self._drain_batch()
         return [(r, acks.get(s)) for r, s in zip(rules, seqs)]
+
+    def _next_seq(self) -> int:
+        """A sequence number for a request of the flip's or the dumps' socket."""
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
 
     def _drain_batch(self) -> dict[int, int]:
         assert self._batch is not None
@@ -273,7 +289,7 @@ class DeliveryRules:
             self._dump_sock.close()
             self._dump_sock = None
             try:
-                self._dump_sock = self._open_batch_socket()
+                self._dump_sock = self._open_socket()
             except OSError:
                 pass  # the next read raises "not open"; the reconciler retries
             raise
@@ -284,8 +300,7 @@ class DeliveryRules:
         cls = fibmsg if msg_type == RTM_GETRULE else rtmsg
         out: list[Any] = []
         for _ in range(DUMP_ATTEMPTS):
-            self._seq = self._seq % 0x7FFFFFFF + 1
-            seq = self._seq
+            seq = self._next_seq()
             # fib_rule_hdr and rtmsg are both 12 bytes, family first; all zero = no filter
             await loop.sock_sendall(sock, _NLMSG.pack(_NLMSG.size + 12, msg_type, NLM_F_REQUEST | NLM_F_DUMP,
                                                       seq, 0) + bytes([family]) + bytes(11))
@@ -294,27 +309,21 @@ class DeliveryRules:
             async with asyncio.timeout(DUMP_TIMEOUT_S):
                 while not done:
                     data = await loop.sock_recv(sock, 1 << 16)
-                    offset = 0
-                    while offset + _NLMSG.size <= len(data):
-                        length, mtype, flags, mseq, _ = _NLMSG.unpack_from(data, offset)
+                    for offset, length, mtype, flags, mseq in _nlmsgs(data):
                         if length < _NLMSG.size:
                             raise OSError(errno.EBADMSG, f"netlink message of length {length}")
-                        if mseq == seq:  # else: the rest of something abandoned
-                            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-                            if mtype == NLMSG_ERROR:
-                                err = -struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
-                                if err:
-                                    raise OSError(err, f"dump refused: {os.strerror(err)}")
-                                done = True
-                                break
-                            if mtype == NLMSG_DONE:
-                                done = True
-                                break
-                            if keep is None or keep(data, offset):
-                                msg = cls(data[offset:offset + length])
-                                msg.decode()
-                                out.append(msg)
-                        offset += (length + 3) & ~3
+                        if mseq != seq:
+                            continue  # the rest of something abandoned
+                        interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                        if mtype == NLMSG_ERROR and (err := _nlmsg_errno(data, offset)):
+                            raise OSError(err, f"dump refused: {os.strerror(err)}")
+                        if mtype in (NLMSG_ERROR, NLMSG_DONE):
+                            done = True
+                            break
+                        if keep is None or keep(data, offset):
+                            msg = cls(data[offset:offset + length])
+                            msg.decode()
+                            out.append(msg)
                     if not done:
                         await asyncio.sleep(0)  # let the loop run between two chunks
             if not interrupted:
