@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         cmd += " --merge"
     t0 = time.time()
+    settle_s = 2.0 if args.quick else 5.0
     if args.report_only:
         run.trials = json.loads((out / "results.json").read_text())
         info = json.loads((out / "machine.json").read_text())
@@ -234,12 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             elif fig == "scale":
                 fig_scale(run, sizes)
             elif fig == "cost":
-                fig_cost(run, [2, max(sizes)] if max(sizes) > 2 else [2], args.cost_window,
-                         settle_s=5.0 if not args.quick else 2.0)
+                fig_cost(run, [2, max(sizes)] if max(sizes) > 2 else [2], args.cost_window, settle_s)
             elif fig == "flood":
                 fig_flood(run)
             elif fig == "soak":
-                fig_soak(run, args.soak_min, args.soak_sample, settle_s=5.0 if not args.quick else 2.0)
+                fig_soak(run, args.soak_min, args.soak_sample, settle_s)
         info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
         (out / "machine.json").write_text(json.dumps(info, indent=1))
         (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")

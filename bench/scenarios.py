@@ -34,6 +34,7 @@ from netnslab.daemons import Cluster, event_time, master_down_ms
 from netnslab.scenarios import _wait_started
 
 from vipless_failover.announce import in_netns
+from vipless_failover.dataplane.rules import parse_acks
 
 from .keepalived import KaSettings, Keepalived, addresses_added
 
@@ -275,10 +276,9 @@ class LinkCutter:
         self.sock.send(hdr + body)
         ack = self.sock.recv(4096)
         t = time.time()
-        if len(ack) >= 20 and struct.unpack_from("=H", ack, 4)[0] == 2:  # NLMSG_ERROR
-            err = struct.unpack_from("=i", ack, 16)[0]
-            if err:
-                raise OSError(-err, f"link down of ifindex {self.index}: {os.strerror(-err)}")
+        err = parse_acks(ack).get(1, 0)
+        if err:
+            raise OSError(err, f"link down of ifindex {self.index}: {os.strerror(err)}")
         return t
 
     def close(self) -> None:

@@ -21,7 +21,6 @@ import errno
 import json
 import secrets
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -456,7 +455,7 @@ async def test_reads_find_ours_in_a_large_table_over_several_dump_chunks(lab: La
     must span several 64 kB chunks, skip other protocols and tables, and start afresh
     after a dump abandoned half read."""
     from vipless_failover.dataplane.desired import RouteSpec, RuleSpec
-    from vipless_failover.dataplane.rules import RTM_GETROUTE, DeliveryRules
+    from vipless_failover.dataplane.rules import RTM_GETROUTE, DeliveryRules, dump_request
 
     # 3,000 IPv6 routes of another protocol in another table: several chunks of a dump
     batch = "".join(f"route add unreachable 2001:db8:f:{i:x}::/64 table 200 proto 99\n" for i in range(3000))
@@ -485,7 +484,7 @@ async def test_reads_find_ours_in_a_large_table_over_several_dump_chunks(lab: La
         # (EBUSY); the read fails once, then works on a fresh socket
         sock = rules._dump_sock
         assert sock is not None
-        sock.send(struct.pack("=IHHII", 28, RTM_GETROUTE, 0x301, 0x7FFFFFF0, 0) + bytes([socket.AF_INET6]) + bytes(11))
+        sock.send(dump_request(RTM_GETROUTE, socket.AF_INET6, 0x7FFFFFF0))
         with pytest.raises(OSError) as exc:
             await rules.read_routes([98], [100])
         assert exc.value.errno == errno.EBUSY

@@ -154,6 +154,12 @@ def _nlmsgs(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
         off += (length + 3) & ~3
 
 
+def dump_request(msg_type: int, family: int, seq: int) -> bytes:
+    """An rtnetlink dump request (``RTM_GETRULE``, ``RTM_GETROUTE``) of ``family``:
+    fib_rule_hdr and rtmsg are both 12 bytes, family first; all zero = no filter."""
+    return _NLMSG.pack(_NLMSG.size + 12, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + bytes([family]) + bytes(11)
+
+
 def _nlmsg_errno(data: bytes, off: int) -> int:
     """The errno (0: done) of the NLMSG_ERROR message at ``off``."""
     return -struct.unpack_from("=i", data, off + _NLMSG.size)[0]
@@ -301,9 +307,7 @@ class DeliveryRules:
         out: list[Any] = []
         for _ in range(DUMP_ATTEMPTS):
             seq = self._next_seq()
-            # fib_rule_hdr and rtmsg are both 12 bytes, family first; all zero = no filter
-            await loop.sock_sendall(sock, _NLMSG.pack(_NLMSG.size + 12, msg_type, NLM_F_REQUEST | NLM_F_DUMP,
-                                                      seq, 0) + bytes([family]) + bytes(11))
+            await loop.sock_sendall(sock, dump_request(msg_type, family, seq))
             out = []
             interrupted = done = False
             async with asyncio.timeout(DUMP_TIMEOUT_S):
