@@ -12,7 +12,7 @@ sent) to the backup's logged transition (the daemon's own timestamp), at 100 ms 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

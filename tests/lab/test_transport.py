@@ -27,9 +27,11 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -191,7 +193,7 @@ def node_config(lab: Lab, i: int, family: int, transport: str, port: int,
 
 
 def received(reply: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(bytes.fromhex(d).decode(), src) for d, src in reply["received"]]
+    return [(bytes.fromhex(d).decode(), src) for d, src, _rx in reply["received"]]
 
 
 # ---------------------------------------------------------------------------
@@ -338,6 +340,68 @@ def test_send_errors_are_counted_not_raised(lab: Lab, agents: dict[str, Agent]) 
         assert reply["counters"]["send_errors"] == 3 and reply["counters"]["sent"] == 1
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_datagrams_read_late_keep_their_receive_time(lab: Lab, agents: dict[str, Agent], family: int) -> None:
+    """While n1's loop is stopped (a blocking sleep stands in for SIGSTOP), n2 sends
+    three datagrams 0.1 s apart; then n1 drains the socket before anything else, as the
+    daemon does before a timer: every datagram is read, and each carries its kernel
+    receive time on the loop's clock (CLOCK_MONOTONIC, shared by the namespaces), not
+    the time it was read."""
+    port = next(_ports)
+    for i in (1, 2):
+        agents[str(i)].call(op="open", id="t", config=node_config(lab, i, family, "multicast", port))
+    stalled: dict[str, Any] = {}
+    stall = threading.Thread(target=lambda: stalled.update(agents["1"].call(op="stall", id="t", seconds=0.6)))
+    stall.start()
+    try:
+        time.sleep(0.1)
+        sent_at = []
+        for n in range(3):
+            sent_at.append(agents["2"].call(op="send", id="t", data=f"late-{n}".encode().hex())["sent_at"])
+            time.sleep(0.1)
+    finally:
+        stall.join(CALL_TIMEOUT)
+    assert stalled["drained"] == 3 and stalled["stalled_until"] - sent_at[0] > 0.3
+    got = stalled["received"]
+    assert [bytes.fromhex(d).decode() for d, _src, _rx in got] == ["late-0", "late-1", "late-2"]
+    for (_d, _src, rx), sent in zip(got, sent_at, strict=True):
+        assert sent - 0.001 <= rx <= sent + 0.02, (rx, sent)
+    assert stalled["counters"]["drained"] == 3
+
+
+def test_a_long_stop_loses_no_datagram(lab: Lab, agents: dict[str, Agent]) -> None:
+    """600 adverts wait while the reader is stopped (6 s of a 10 ms master; the kernel's
+    default buffer keeps ~256): the transport's receive buffer keeps them all, and one
+    drain reads them all."""
+    port = next(_ports)
+    agents["1"].call(op="open", id="t", config=node_config(lab, 1, 4, "multicast", port))
+    stalled: dict[str, Any] = {}
+    stall = threading.Thread(target=lambda: stalled.update(agents["1"].call(op="stall", id="t", seconds=1.0)))
+    stall.start()
+    try:
+        time.sleep(0.1)
+        for n in range(6):  # in slices: the senders' own queues must not be what drops
+            agents["2"].call(op="raw", family=4, src=LAN[4].format(2), dst=GROUP[4], port=port, ttl=255,
+                             ifname=lab.lan_if, data=f"s{n}".encode().hex(), count=100)
+            time.sleep(0.05)
+    finally:
+        stall.join(CALL_TIMEOUT)
+    assert stalled["drained"] == 600, stalled["counters"]
+    assert stalled["counters"]["received"] == 600
+
+
+def test_receive_time_converts_the_kernel_stamp_and_survives_clock_steps() -> None:
+    from vipless_failover.election.transport import receive_time
+
+    # wall 1000.0 = loop 50.0; the socket was last found empty at loop 40.0
+    assert receive_time(997.5, 1000.0, 50.0, 40.0) == pytest.approx(47.5)  # read 2.5 s late: kept
+    assert receive_time(None, 1000.0, 50.0, 40.0) == 50.0  # no stamp: the read time
+    # the wall clock stepped back 1 h after the arrival: never in the future
+    assert receive_time(997.5 + 3600, 1000.0, 50.0, 40.0) == 50.0
+    # stepped forward 1 h: never before the socket was last seen empty
+    assert receive_time(997.5 - 3600, 1000.0, 50.0, 40.0) == 40.0
+
+
 def test_open_fails_clearly_without_the_interface(lab: Lab, agents: dict[str, Agent]) -> None:
     cfg = node_config(lab, 1, 4, "multicast", next(_ports), interface="nosuchif0")
     with pytest.raises(RuntimeError, match="no interface 'nosuchif0'"):
@@ -363,7 +427,7 @@ async def _agent_main() -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     transports: dict[str, AdvertTransport] = {}
-    inbox: dict[str, list[tuple[str, str]]] = {}
+    inbox: dict[str, list[tuple[str, str, float]]] = {}
     arrived = asyncio.Event()
 
     def reply(obj: dict[str, Any]) -> None:
@@ -405,8 +469,9 @@ async def _agent_main() -> None:
                 name = cmd["id"]
                 inbox[name] = []
 
-                def on_datagram(data: bytes, src: Any, box: list[tuple[str, str]] = inbox[name]) -> None:
-                    box.append((data.hex(), str(src)))
+                def on_datagram(data: bytes, src: Any, rx_time: float,
+                                box: list[tuple[str, str, float]] = inbox[name]) -> None:
+                    box.append((data.hex(), str(src), rx_time))
                     arrived.set()
 
                 cfg = config.parse(cmd["config"], "<lab>")
@@ -415,10 +480,18 @@ async def _agent_main() -> None:
             elif op == "send":
                 t = transports[cmd["id"]]
                 t.send(bytes.fromhex(cmd["data"]))
-                reply({"counters": t.counters()})
+                reply({"counters": t.counters(), "sent_at": loop.time()})
             elif op == "raw":
                 raw_send(cmd)
                 reply({"ok": True})
+            elif op == "stall":  # the loop stops (as if SIGSTOPped), then drains first
+                time.sleep(min(float(cmd["seconds"]), 5.0))
+                stalled_until = loop.time()
+                box = inbox[cmd["id"]]
+                before = len(box)
+                drained = transports[cmd["id"]].drain()
+                reply({"drained": drained, "stalled_until": stalled_until, "received": box[before:],
+                       "counters": transports[cmd["id"]].counters()})
             elif op == "wait":
                 deadline = loop.time() + cmd["within"]
                 box = inbox[cmd["id"]]
@@ -426,12 +499,12 @@ async def _agent_main() -> None:
                     arrived.clear()
                     try:
                         await asyncio.wait_for(arrived.wait(), max(0.0, deadline - loop.time()))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 reply({"received": box, "counters": transports[cmd["id"]].counters()})
             else:
                 reply({"error": f"unknown op {op!r}"})
-        except Exception as exc:  # reported to the test, which fails
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails
             reply({"error": f"{type(exc).__name__}: {exc}"})
     for t in transports.values():
         t.close()

@@ -4,6 +4,11 @@ No sockets, no sleeps: ``Sim.run_until(t)`` advances a virtual clock from deadli
 deadline and delivers every advert a node sends to the other nodes at once (or drops
 it, per ``link`` settings). Every action is recorded with its time so stories can
 assert exact deadlines and the hand-over invariants.
+
+``pause(name)`` stops a node's process (SIGSTOP): adverts for it wait in its socket
+with their arrival times and its timers do not run. ``resume(name)`` hands the waiting
+adverts over first, in order, at their arrival times (``handled_at`` = the resume
+time), and only then lets its timers run: what the daemon does after a pause.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class Node:
     exited: bool = False
     log: list[tuple[float, object]] = field(default_factory=list)
     counter: int = 0
+    paused: bool = False
+    inbox: list[tuple[float, Advert]] = field(default_factory=list)  # waiting while paused
 
     @property
     def state(self) -> State:
@@ -87,6 +94,21 @@ class Sim:
         self.nodes[name] = node
         return node
 
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the node neither runs its timers nor reads its socket."""
+        self.nodes[name].paused = True
+
+    def resume(self, name: str) -> None:
+        """SIGCONT: the waiting adverts first, at their arrival times, then the timers."""
+        node = self.nodes[name]
+        node.paused = False
+        waiting, node.inbox = node.inbox, []
+        for at, msg in waiting:
+            if node.exited:
+                break
+            self._apply(node, node.election.handle_advert(msg, msg.address, at, handled_at=self.now))
+        self.run_until(self.now)
+
     def partition(self, a: str, b: str) -> None:
         self.cut.add(frozenset((a, b)))
 
@@ -98,7 +120,8 @@ class Sim:
         self.oneway.clear()
 
     def next_time(self) -> float | None:
-        times = [n.election.next_deadline() for n in self.nodes.values() if n.alive and not n.exited]
+        times = [n.election.next_deadline() for n in self.nodes.values()
+                 if n.alive and not n.exited and not n.paused]
         times = [t for t in times if t is not None]
         return min(times) if times else None
 
@@ -112,7 +135,7 @@ class Sim:
             assert guard < 1_000_000, "simulation does not converge"
             self.now = max(self.now, nxt)
             for node in list(self.nodes.values()):
-                if node.alive and not node.exited:
+                if node.alive and not node.exited and not node.paused:
                     dl = node.election.next_deadline()
                     if dl is not None and dl <= self.now:
                         self._apply(node, node.election.handle_timer(self.now))
@@ -151,6 +174,9 @@ class Sim:
                     if frozenset((sender.name, other.name)) in self.cut:
                         continue
                     if (sender.name, other.name) in self.oneway:
+                        continue
+                    if other.paused:
+                        other.inbox.append((self.now, msg))
                         continue
                     self._apply_only(other, other.election.handle_advert(msg, msg.address, self.now))
         finally:

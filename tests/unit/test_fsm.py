@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import ast
+import ipaddress
+import itertools
 import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from vipless_failover.election import fsm
-from vipless_failover.election.protocol import Flag, State
+from vipless_failover.election.protocol import Advert, Flag, State
 
-from .fsm_sim import InvariantError, Sim
+from .fsm_sim import Sim
 
 MS = 0.001
 # prio 100 @ 100 ms: skew = (256-100)*100/256 ms = 60.9375 ms
@@ -106,7 +107,7 @@ def test_crash_backup_takes_over_exactly_master_down_after_last_advert():
 def test_master_adverts_every_interval():
     sim = elected_pair()
     times = sim.master_adverts_by("a")[-10:]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps == pytest.approx([0.1] * 9)
 
 
@@ -114,7 +115,7 @@ def test_backup_adverts_once_a_second_master_every_interval():
     sim = elected_pair()
     sim.run_for(5.0)
     b_times = [t for t, n, a in sim.adverts if n == "b" and t > 2.0]
-    gaps = [y - x for x, y in zip(b_times, b_times[1:])]
+    gaps = [y - x for x, y in itertools.pairwise(b_times)]
     assert gaps and all(g == pytest.approx(fsm.BACKUP_ADVERT_PERIOD_S) for g in gaps)
     assert sim["a"].election.status(sim.now)["peers"][0]["last_seen_s"] <= fsm.BACKUP_ADVERT_PERIOD_S
 
@@ -157,8 +158,6 @@ def test_plain_priority_zero_makes_backup_wait_only_its_skew():
     sim = elected_pair()
     sim.kill("a")  # so that only the crafted advert reaches b
     b = sim["b"].election
-    from vipless_failover.election.protocol import Advert
-    import ipaddress
     msg = Advert(cluster_id=1, node="a", address=ipaddress.ip_address("192.0.2.11"), priority=0,
                  advert_interval_ms=100, state=State.MASTER, counter=10**6,
                  config_digest=b.p.config_digest)
@@ -416,6 +415,164 @@ def test_restart_hold_is_bounded():
     assert t - t0 == pytest.approx(10.0)
 
 
+# -- pauses: adverts handled late, at their arrival times (issue 13) --------------
+#
+# Sim.pause/resume model SIGSTOP/SIGCONT of a daemon: what waited in its socket is
+# handed over first, at its arrival time with handled_at = the resume time, then its
+# timers run (as the daemon does: it drains the socket before it acts on a timer).
+
+MD_A = 0.3 + SKEW_150  # the old master's master-down interval: it takes back over then
+
+
+def backup_ever_master(sim: Sim, name: str, after: float) -> bool:
+    return any(t >= after and a.new is State.MASTER for t, a in sim.transitions(name)) \
+        or any(t >= after for t in sim.master_adverts_by(name))
+
+
+@pytest.mark.parametrize("pause", [0.25, 0.5, 1.0, 3.0])
+def test_paused_backup_resumes_without_takeover(pause):
+    sim = elected_pair()
+    t0 = sim.now
+    sim.pause("b")
+    sim.run_for(pause)
+    last = last_master_advert(sim, "a")
+    sim.resume("b")
+    b = sim["b"].election
+    # every advert that waited counted from its arrival: the timer runs from a's latest
+    assert b.master_down_at == pytest.approx(last + 0.3 + SKEW_100)
+    assert b.peers["a"].last_seen == pytest.approx(last)
+    sim.run_for(2.0)
+    assert not backup_ever_master(sim, "b", t0) and sim.masters() == ["a"]
+    assert not sim.transitions("b")[-1][0] >= t0
+
+
+def test_advert_handled_late_counts_from_its_arrival():
+    sim = elected_pair()
+    b = sim["b"].election
+    a = sim["a"].election
+    from vipless_failover.election.protocol import Advert
+    msg = Advert(cluster_id=1, node="a", address=a.p.address, priority=150, advert_interval_ms=100,
+                 state=State.MASTER, counter=10**6, config_digest=a.p.config_digest)
+    t = sim.now + 0.05
+    assert b.handle_advert(msg, msg.address, t, handled_at=t + 2.0) == []
+    assert b.master_down_at == pytest.approx(t + 0.3 + SKEW_100)
+    assert b.peers["a"].last_seen == t
+
+
+def test_handover_handled_late_waits_for_what_came_behind_it():
+    """A HANDOVER naming us, handled even slightly late, is taken once the adverts that
+    waited behind it are handled (the daemon's next timer, after draining the socket)."""
+    sim = elected_pair()
+    sim.pause("b")
+    t0 = sim.now
+    sim.command("a", fsm.Demote())
+    sim.run_for(0.001)
+    sim.resume("b")
+    assert sim.transitions("b")[-1] == (t0 + 0.001, fsm.Transition(State.BACKUP, State.MASTER, "handover:a"))
+    assert sim["a"].election.drain.heard == t0 + 0.001
+    sim.run_for(2.0)
+    assert sim.masters() == ["b"] and not sim["a"].delivery
+
+
+def test_successor_paused_during_demote_takes_over_while_the_offer_stands():
+    """Paused 250 ms from just before the demote: the old master is still re-sending
+    its offer (it takes back only after its master-down interval, 341 ms): one switch."""
+    sim = elected_pair()
+    sim.pause("b")
+    sim.run_for(0.01)
+    t_d = sim.now
+    sim.command("a", fsm.Demote())
+    sim.run_until(t_d + 0.24)
+    sim.resume("b")
+    assert sim.masters() == ["b"]
+    assert [a.reason for _t, a in sim.transitions("b")][-1] == "handover:a"
+    sim.run_for(3.0)
+    assert sim.masters() == ["b"] and not sim["a"].delivery
+    assert [a.new for t, a in sim.transitions("a") if t >= t_d] == [State.BACKUP]
+    assert not sim.actions("a", fsm.Refused)
+    # on the wire: a's master adverts end before b's begin (one switch)
+    assert max(t for t in sim.master_adverts_by("a")) < min(t for t in sim.master_adverts_by("b"))
+
+
+def test_stale_handover_is_not_obeyed_and_the_demote_is_refused():
+    """Paused 500 ms: the old master takes back over at its master-down interval and
+    refuses the demote then; the resumed successor finds the offers and, behind them,
+    the old master's MASTER adverts: it does not take over (the old code did, and two
+    masters flapped)."""
+    sim = elected_pair()
+    sim.pause("b")
+    sim.run_for(0.01)
+    t_d = sim.now
+    sim.command("a", fsm.Demote())
+    sim.run_until(t_d + 0.49)
+    t_r = sim.now
+    sim.resume("b")  # (the old code: b master at once, two masters: InvariantError)
+    sim.run_for(2.0)
+    assert not backup_ever_master(sim, "b", t_d) and sim.masters() == ["a"]
+    stale = [a for t, a in sim["b"].log if t >= t_r and isinstance(a, fsm.Notice) and a.kind == "stale_handover"]
+    assert len(stale) == 1 and "withdrawn" in stale[0].detail
+    # a took back over after its master-down interval, and said why
+    assert [(round(t - t_d, 6), a.reason) for t, a in sim.transitions("a") if t >= t_d] == [
+        (0.0, "demote:b"), (round(MD_A, 6), "master_down")]
+    refused = sim.actions("a", fsm.Refused)
+    assert [(t, a.command) for t, a in refused] == [(pytest.approx(t_d + MD_A), "demote")]
+    assert "b did not take over within 341 ms" in refused[0][1].reason
+    assert any(isinstance(a, fsm.Notice) and a.kind == "handover_failed" for _t, a in sim["a"].log)
+
+
+def test_offer_of_a_sender_gone_silent_is_not_taken():
+    """The old master crashed right after its offer; the successor, resumed 500 ms
+    later, finds no re-sent offer (it is re-sent every interval while standing): it
+    takes over by its master-down timer, not by obeying the stale offer."""
+    sim = elected_pair()
+    sim.pause("b")
+    t_d = sim.now
+    sim.command("a", fsm.Demote())
+    sim.kill("a")
+    sim.run_until(t_d + 0.5)
+    sim.resume("b")
+    assert sim["b"].state is State.MASTER
+    assert sim.transitions("b")[-1][1].reason == "master_down"
+    stale = [a for _t, a in sim["b"].log if isinstance(a, fsm.Notice) and a.kind == "stale_handover"]
+    assert len(stale) == 1 and "500 ms before it could be taken" in stale[0].detail
+
+
+def test_demote_whose_successor_never_answers_is_refused_when_the_old_master_takes_back():
+    sim = elected_pair()
+    sim.partition("a", "b")  # b never hears the offer (it takes over by its own timer: split brain)
+    sim.check_single_master = False
+    t_d = sim.now
+    sim.command("a", fsm.Demote())
+    sim.run_until(t_d + MD_A - 0.001)
+    assert sim["a"].state is State.BACKUP and not sim.actions("a", fsm.Refused)
+    sim.run_until(t_d + MD_A)
+    assert sim["a"].state is State.MASTER
+    assert [a.command for _t, a in sim.actions("a", fsm.Refused)] == ["demote"]
+
+
+def test_paused_master_resumes_and_the_election_switches_back_once():
+    """The master stopped 1 s: the backup takes over by its timer; the resumed master
+    (higher priority) hears the new master's adverts that waited, re-asserts, and the
+    backup yields: one switch back, no flap."""
+    sim = elected_pair()
+    sim.check_single_master = False  # the stopped master is master until it runs again
+    t0 = sim.now
+    last = last_master_advert(sim, "a")
+    sim.pause("a")
+    t = sim.run_until_state("b", State.MASTER)
+    assert t - last == pytest.approx(0.3 + SKEW_100)
+    sim.run_until(t0 + 1.0)
+    t_r = sim.now
+    sim.resume("a")
+    sim.run_for(2.0)
+    assert sim.masters() == ["a"]
+    assert not [x for x in sim.transitions("a") if x[0] >= t0]
+    assert [(a.old, a.new) for t, a in sim.transitions("b") if t >= t0] == [
+        (State.BACKUP, State.MASTER), (State.MASTER, State.BACKUP)]
+    assert all(t < t_r for t in sim.master_adverts_by("b") if t >= t0)  # b sent none after a resumed
+    assert sim["a"].announcing and not sim["b"].announcing
+
+
 # -- three nodes ------------------------------------------------------------------
 
 
@@ -601,3 +758,39 @@ def test_random_stories_with_partitions_converge_after_heal(ops):
     assert len(masters) == 1, masters
     for n in "abc":
         assert sim[n].delivery == sim[n].announcing == (n == masters[0]), n
+
+
+@settings(max_examples=int(os.environ.get("FSM_EXAMPLES", "300")), deadline=None)
+@given(ops=st.lists(st.one_of(OPS, st.tuples(st.just("pause"), st.sampled_from("abc")),
+                              st.tuples(st.just("resume"), st.sampled_from("abc"))), max_size=25))
+def test_random_stories_with_pauses_converge_after_resume(ops):
+    """Stopped processes (SIGSTOP) may make two masters while they are stopped; once
+    every node runs again, exactly one remains, and only it delivers and announces."""
+    sim = Sim(check_single_master=False)
+    sim.add("a", "192.0.2.11", 150)
+    sim.add("b", "192.0.2.12", 120)
+    sim.add("c", "192.0.2.13", 100)
+    for n in "abc":
+        sim.start(n)
+    for op in ops:
+        kind, name = op[0], op[1]
+        if kind == "run":
+            sim.run_for(name)
+            continue
+        node = sim[name]
+        if kind == "pause" and not node.paused:
+            sim.pause(name)
+        elif kind == "resume" and node.paused:
+            sim.resume(name)
+        elif node.alive and not node.exited and not node.paused and kind in ("promote", "demote", "stop"):
+            sim.command(name, {"promote": fsm.Promote(), "demote": fsm.Demote(), "stop": fsm.Stop()}[kind])
+    for n in "abc":
+        if sim[n].paused:
+            sim.resume(n)
+    sim.run_for(15.0)
+    live = [n for n in "abc" if sim[n].alive and not sim[n].exited]
+    if live:
+        masters = sim.masters()
+        assert len(masters) == 1, masters
+        for n in live:
+            assert sim[n].delivery == sim[n].announcing == (n == masters[0]), n

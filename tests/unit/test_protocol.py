@@ -11,8 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from vipless_failover.election import protocol
 from vipless_failover.election.protocol import (
@@ -289,7 +288,7 @@ def test_one_extra_byte_is_malformed_even_when_signed() -> None:
 
 
 def test_reason_strings_are_exactly_the_documented_ones() -> None:
-    assert AdvertRejected.REASONS == ("malformed", "version", "auth", "replay", "cluster")
+    assert AdvertRejected.REASONS == ("malformed", "version", "auth", "replay", "cluster", "stale", "future")
     exc = AdvertRejected("auth", "HMAC mismatch")
     assert exc.reason == "auth" and str(exc) == "auth: HMAC mismatch"
 
@@ -428,3 +427,82 @@ def test_import_checker_catches_forbidden_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("import os\nfrom time import monotonic\nimport asyncio.events as e\n")
     assert {"time", "asyncio"} <= _imported_modules(sample)
+
+
+# ---------------------------------------------------------------------------
+# freshness against the receiver's clock, and several keys (issue 13, items 3 and 4)
+
+NOW_US = 1_800_000_000_000_000  # the receiver's wall clock, microseconds
+SKEW_US = 5_000_000
+
+
+def _reason(decoder: AdvertDecoder, data: bytes, now_us: int | None = NOW_US) -> str | None:
+    try:
+        decoder.decode(data, now_us)
+    except AdvertRejected as exc:
+        return exc.reason
+    return None
+
+
+def test_a_fresh_decoder_refuses_a_replayed_capture_older_than_the_window() -> None:
+    # the issue's case: a restarted survivor believed adverts replayed from a capture
+    captured = [encode_advert(advert(counter=NOW_US - 60_000_000 + i * 100_000), KEY) for i in range(50)]
+    fresh = AdvertDecoder(KEY, 51, max_skew_us=SKEW_US)  # remembers nothing
+    assert {_reason(fresh, d) for d in captured} == {"stale"}
+    assert fresh.tracked_nodes == 0
+    # without the window (the old decoder) every one of them was accepted
+    old = AdvertDecoder(KEY, 51)
+    assert {_reason(old, d) for d in captured} == {None}
+
+
+def test_an_advert_from_the_future_cannot_block_the_senders_real_ones() -> None:
+    # one authentic advert with counter 2**64-1 made the receiver refuse the peer forever
+    decoder = AdvertDecoder(KEY, 51, max_skew_us=SKEW_US)
+    assert _reason(decoder, encode_advert(advert(counter=2**64 - 1), KEY)) == "future"
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US + SKEW_US + 1), KEY)) == "future"
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US), KEY)) is None
+    # the worst an advert inside the window can do: the sender's next ones are refused
+    # until its clock passes that counter, at most the window later
+    poison = NOW_US + SKEW_US
+    assert _reason(decoder, encode_advert(advert(counter=poison), KEY)) is None
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US + 1), KEY), NOW_US + 1) == "replay"
+    later = poison + 1
+    assert _reason(decoder, encode_advert(advert(counter=later), KEY), later) is None
+
+
+def test_window_edges_and_no_clock_given() -> None:
+    decoder = AdvertDecoder(KEY, 51, max_skew_us=SKEW_US)
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US - SKEW_US), KEY)) is None
+    decoder = AdvertDecoder(KEY, 51, max_skew_us=SKEW_US)
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US - SKEW_US - 1), KEY)) == "stale"
+    # no clock: only the per-node order (what decode() did before)
+    assert _reason(decoder, encode_advert(advert(counter=1), KEY), None) is None
+    with pytest.raises(ValueError):
+        AdvertDecoder(KEY, 51, max_skew_us=-1)
+
+
+def test_a_refused_advert_changes_no_state() -> None:
+    decoder = AdvertDecoder(KEY, 51, max_skew_us=SKEW_US)
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US), KEY)) is None
+    assert _reason(decoder, encode_advert(advert(counter=NOW_US + 10 * SKEW_US), KEY)) == "future"
+    assert decoder.last_counter("director-a") == NOW_US
+
+
+def test_any_of_several_keys_authenticates_and_the_decoder_says_which() -> None:
+    new, old = b"n" * 32, b"o" * 32
+    decoder = AdvertDecoder((new, old), 51)
+    a = decoder.decode(encode_advert(advert(node="a", counter=1), old))
+    b = decoder.decode(encode_advert(advert(node="b", counter=1), new))
+    assert (a.node, b.node) == ("a", "b")
+    assert decoder.key_used == {"a": 1, "b": 0}
+    with pytest.raises(AdvertRejected) as info:
+        decoder.decode(encode_advert(advert(node="a", counter=2), b"x" * 32))
+    assert info.value.reason == "auth" and "none of 2 keys" in info.value.detail
+    # a rotation swaps the keys in place and keeps the replay state
+    decoder.set_keys(new)
+    assert _reason(decoder, encode_advert(advert(node="a", counter=2), old), None) == "auth"
+    assert _reason(decoder, encode_advert(advert(node="a", counter=1), new), None) == "replay"
+    assert decoder.decode(encode_advert(advert(node="a", counter=3), new)).counter == 3
+    assert decoder.key_used["a"] == 0
+    with pytest.raises(ValueError):
+        decoder.set_keys(())

@@ -7,7 +7,10 @@ Pure: no sockets, no clock, no kernel. The daemon feeds it
 * ``handle_command(cmd, now)`` for Start/Stop/Promote/Demote/faults/priority,
 
 and executes the frozen-dataclass actions each call returns, in order. ``now`` is a
-monotonic time in seconds (float).
+monotonic time in seconds (float) that never goes back. An advert's ``now`` is when it
+arrived (the kernel's receive time), however late it is handled: the daemon hands over
+every advert waiting in its socket, in arrival order, before a timer or a command, so
+the election decides on true arrival times; ``handled_at`` says when it is handled.
 
 State changes are listed in one table, :data:`TRANSITIONS`; ``docs/state-diagram.md``
 is generated from it (``python -m vipless_failover.election.fsm``). Everything else an
@@ -18,6 +21,9 @@ as master or announcing at once: the old master first sends a HANDOVER advert na
 successor and stops announcing (it is BACKUP from then on); the successor becomes master
 the moment it hears it; the old master keeps its delivery rules installed (``draining``)
 until it hears the new master plus ``drain_margin``, at most ``drain_max``, then withdraws.
+An offer handled late (read after a pause) is taken only once everything that waited
+behind it has been handled (see :class:`Offer`); an old master whose successor never
+answered takes mastership back and refuses the ``demote``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,12 @@ import enum
 import ipaddress
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .protocol import Advert, Flag, State
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: the core imports no config code at run time
+    from ..config import Config
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -145,7 +155,9 @@ class Refused:
 @dataclass(frozen=True)
 class Notice:
     """Something worth a log line and a metric: split_brain, config_mismatch,
-    master_down, takeover_request, handover, drain_done, peer_restarting."""
+    master_down, takeover_request, handover, drain_done, peer_restarting,
+    stale_handover (an offer to us that no longer stood when we could take it),
+    handover_failed (our successor never answered: we are master again)."""
 
     kind: str
     peer: str = ""
@@ -241,7 +253,7 @@ class Params:
     config_digest: bytes = b"\x00" * 16
 
     @classmethod
-    def from_config(cls, cfg, digest: bytes) -> "Params":
+    def from_config(cls, cfg: Config, digest: bytes) -> Params:
         e = cfg.election
         return cls(node=cfg.node.name, address=cfg.node.address, priority=e.priority,
                    advert_interval_ms=e.advert_interval_ms, preempt=e.preempt,
@@ -272,6 +284,23 @@ class Drain:
     resend_at: float = 0.0  # next HANDOVER re-send while the successor is silent
     flags: Flag = Flag.HANDOVER
     priority: int = 0
+    command: str = ""  # the operator's command that started it ("demote"), told if it fails
+
+
+@dataclass
+class Offer:
+    """A hand-over to us that was handled late (it waited in the socket, e.g. while
+    this process was stopped). It is decided at ``decide_at``, after every advert that
+    waited behind it: any other advert from the sender (it took mastership back, named
+    another node) withdraws it, and it is taken only if the sender was still offering,
+    i.e. its latest HANDOVER (re-sent every interval while we are silent) arrived less
+    than one interval before. Taking a stale offer would make two masters: the old
+    master takes back over after its master-down interval without an answer."""
+
+    sender: str
+    last: float  # arrival of the sender's latest HANDOVER naming us
+    interval: float  # the sender's advert interval (its re-send period)
+    decide_at: float  # when it was handled: decided right after
 
 
 @dataclass(frozen=True)
@@ -299,6 +328,7 @@ class Election:
         self.master_down_at: float | None = None
         self.advert_at: float | None = None
         self.drain: Drain | None = None
+        self.offer: Offer | None = None
         self.stopping = False
         self.yielded = False  # handed over on request: do not preempt the new master
         self.started_at: float | None = None
@@ -333,6 +363,8 @@ class Election:
                 times.append(self.drain.resend_at)
         if self.promote_until is not None:
             times.append(min(self.promote_until, self.request_at))
+        if self.offer is not None:
+            times.append(self.offer.decide_at)
         live = [t for t in times if t is not None]
         return min(live) if live else None
 
@@ -398,6 +430,7 @@ class Election:
         self.promote_until = None
         self.yielded = False
         self.drain = None
+        self.offer = None
         self.advert_at = now + self.interval
         # delivery first (packets the router sends on must be taken), then the router
         # is told, then the peers: the announcement is what ends the client's outage
@@ -425,7 +458,8 @@ class Election:
         actions = self._go(event, now, reason=f"{event.value}:{successor}")
         # _go(BACKUP) emitted StopAnnounce; the HANDOVER advert must follow it at once.
         self.drain = Drain(successor=successor, started=now, cap=now + self.p.drain_max_ms / 1000.0,
-                           resend_at=now + self.interval, flags=flags, priority=prio)
+                           resend_at=now + self.interval, flags=flags, priority=prio,
+                           command={Event.DEMOTE: "demote"}.get(event, ""))
         actions.append(SendAdvert(State.BACKUP, prio, flags, successor))
         actions.append(Notice("handover", successor, event.value))
         # do not send a plain BACKUP advert right away: the HANDOVER one is what peers need
@@ -447,11 +481,20 @@ class Election:
 
     # -- inputs -------------------------------------------------------------
 
-    def handle_advert(self, msg: Advert, src: IPAddress, now: float) -> list[Action]:
-        """An authentic, fresh advert from a peer (the decoder has checked it)."""
+    def handle_advert(self, msg: Advert, src: IPAddress, now: float,
+                      handled_at: float | None = None) -> list[Action]:
+        """An authentic, fresh advert from a peer (the decoder has checked it) that
+        arrived at ``now`` and is handled at ``handled_at`` (default: ``now``)."""
         if msg.node == self.p.node:
             return []
+        late = handled_at is not None and handled_at > now
         actions: list[Action] = []
+        if self.offer is not None and msg.node == self.offer.sender \
+                and not (msg.flags & Flag.HANDOVER and msg.successor == self.p.node):
+            # the sender moved on before we could answer (took back over, named another)
+            self.offer = None
+            actions.append(Notice("stale_handover", msg.node,
+                                  f"offer withdrawn: a {msg.state.name} advert followed it, not taken"))
         match = msg.config_digest == self.p.config_digest
         self.peers[msg.node] = Peer(node=msg.node, address=msg.address, priority=msg.priority,
                                     state=msg.state, advert_interval_ms=msg.advert_interval_ms,
@@ -463,19 +506,23 @@ class Election:
             self._mismatch_reported.discard(msg.node)
 
         if self.state is State.BACKUP:
-            actions += self._backup_hears(msg, now)
+            actions += self._backup_hears(msg, now, handled_at if late else None)
         elif self.state is State.MASTER:
             actions += self._master_hears(msg, now)
         elif msg.state is State.MASTER:
             self.master = msg.node  # INIT/FAULT: remember who serves, for status
         return actions
 
-    def _backup_hears(self, msg: Advert, now: float) -> list[Action]:
+    def _backup_hears(self, msg: Advert, now: float, late_at: float | None = None) -> list[Action]:
         actions: list[Action] = []
         if msg.flags & Flag.HANDOVER:
             if msg.successor == self.p.node and not self.maintenance and not self.faults \
                     and not self.stopping:
-                return actions + self._go(Event.HANDOVER_TO_ME, now, reason=f"handover:{msg.node}")
+                if late_at is None:
+                    return actions + self._go(Event.HANDOVER_TO_ME, now, reason=f"handover:{msg.node}")
+                # handled late: decide once what waited behind it is known (handle_timer)
+                self.offer = Offer(sender=msg.node, last=now, decide_at=late_at,
+                                   interval=(msg.advert_interval_ms or self.p.advert_interval_ms) / 1000.0)
             self.master = None
             self.master_interval_ms = msg.advert_interval_ms or self.master_interval_ms
             if msg.successor:
@@ -501,9 +548,7 @@ class Election:
             # Preempt without a gap: ask the master to hand over, and meanwhile keep
             # treating it as master. Only if it ignores PREEMPT_REQUESTS requests do we
             # fall back to RFC 5798 preemption (stop resetting the timer, time out).
-            if self.preempt_requests < PREEMPT_REQUESTS:
-                self._arm_master_down(now)
-            elif self.master_down_at is None:
+            if self.preempt_requests < PREEMPT_REQUESTS or self.master_down_at is None:
                 self._arm_master_down(now)
             sent = self._request_takeover(now, "preempt")
             if sent:
@@ -531,13 +576,12 @@ class Election:
             if msg.priority == 0:
                 return []
             promote = msg.priority <= self.priority  # a lower node asked: it was promoted
-            actions = self._hand_over(Event.TAKEOVER_REQUEST, now, msg.node)
+            actions: list[Action] = self._hand_over(Event.TAKEOVER_REQUEST, now, msg.node)
             self.yielded = promote
             return actions
         if msg.state is not State.MASTER:
             return []
-        actions: list[Action] = [Notice("split_brain", msg.node,
-                                        f"peer master priority {msg.priority}")]
+        actions = [Notice("split_brain", msg.node, f"peer master priority {msg.priority}")]
         if msg.priority > 0 and self._peer_beats_us(msg):
             actions += self._go(Event.HIGHER_MASTER, now, reason=f"higher_priority_master:{msg.node}")
             self.master = msg.node
@@ -547,13 +591,22 @@ class Election:
             self.drain = Drain(successor=msg.node, started=now, cap=now + self.p.drain_max_ms / 1000.0,
                                heard=now)
             # tell the winner we yielded: it re-announces, so the router ends pointing at it
-            return actions + [SendAdvert(State.BACKUP, self.priority, Flag.HANDOVER, msg.node)]
+            return [*actions, SendAdvert(State.BACKUP, self.priority, Flag.HANDOVER, msg.node)]
         # a lower-priority master: re-assert so stale router caches heal
         self.advert_at = now + self.interval
-        return actions + [self._advert(), StartAnnounce("reassert")]
+        return [*actions, self._advert(), StartAnnounce("reassert")]
 
     def handle_timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
+        o = self.offer
+        if o is not None and now >= o.decide_at:
+            self.offer = None
+            if self.state is State.BACKUP and not self.maintenance and not self.faults and not self.stopping:
+                if now - o.last <= o.interval:
+                    return self._go(Event.HANDOVER_TO_ME, now, reason=f"handover:{o.sender}")
+                actions.append(Notice("stale_handover", o.sender,
+                                      f"its latest offer arrived {(now - o.last) * 1000:.0f} ms before "
+                                      f"it could be taken (re-sent every {o.interval * 1000:.0f} ms): not taken"))
         d = self.drain
         if d is not None:
             if now >= self._drain_end():
@@ -561,7 +614,7 @@ class Election:
                 actions += [WithdrawDelivery(), Notice("drain_done", d.successor,
                                                        "heard" if d.heard is not None else "cap")]
                 if self.stopping:
-                    return actions + [Exit()]
+                    return [*actions, Exit()]
             elif d.heard is None and now >= d.resend_at:
                 d.resend_at = now + self.interval
                 actions.append(SendAdvert(State.BACKUP, d.priority, d.flags, d.successor))
@@ -571,6 +624,12 @@ class Election:
                 self._arm_master_down(now)
             else:
                 self.master_interval_ms = self.p.advert_interval_ms
+                if d is not None and d is self.drain and d.heard is None:
+                    # our hand-over failed: the successor never answered; we take back over
+                    why = f"{d.successor} did not take over within {(now - d.started) * 1000:.0f} ms"
+                    actions.append(Notice("handover_failed", d.successor, why))
+                    if d.command:
+                        actions.append(Refused(d.command, why + "; master again"))
                 actions.append(Notice("master_down", self.master or ""))
                 return actions + self._go(Event.MASTER_DOWN, now)
         if self.promote_until is not None:
@@ -597,7 +656,7 @@ class Election:
                     return self._go(Event.FAULT, now, reason="fault:" + ",".join(sorted(self.faults)))
                 if resume:
                     return self._go(Event.RESUME, now, reason="resume_after_restart")
-                return self._go(Event.START, now) + [self._advert()]  # peers learn of us at once
+                return [*self._go(Event.START, now), self._advert()]  # peers learn of us at once
             case Stop(restart=True):
                 self.stopping = True
                 if self.state is State.MASTER:
@@ -611,18 +670,17 @@ class Election:
                 if self.state is State.MASTER:
                     best = self._best_backup(now)
                     if best is None:
-                        actions = self._go(Event.STOP, now, reason="stop:no_backup")
+                        actions: list[Action] = self._go(Event.STOP, now, reason="stop:no_backup")
                         self.drain = None
-                        return actions + [SendAdvert(State.BACKUP, 0, Flag.STOPPING),
-                                          WithdrawDelivery(), Exit()]
+                        return [*actions, SendAdvert(State.BACKUP, 0, Flag.STOPPING), WithdrawDelivery(), Exit()]
                     return self._hand_over(Event.STOP, now, best.node,
                                            flags=Flag.HANDOVER | Flag.STOPPING, priority=0)
                 if self.state is State.BACKUP and self.drain is not None:
                     return []  # the drain ends with Exit
-                actions: list[Action] = []
+                actions = []
                 if self.state is State.BACKUP:
                     actions.append(SendAdvert(State.BACKUP, 0, Flag.STOPPING))
-                return actions + [WithdrawDelivery(), Exit()]
+                return [*actions, WithdrawDelivery(), Exit()]
             case Promote():
                 if self.state is State.MASTER:
                     return []
@@ -671,7 +729,7 @@ class Election:
                     return []
                 self.faults.discard(item)
                 if self.state is State.FAULT and not self.faults:
-                    return self._go(Event.FAULT_CLEARED, now, reason=f"recovered:{item}") + [self._advert()]
+                    return [*self._go(Event.FAULT_CLEARED, now, reason=f"recovered:{item}"), self._advert()]
                 return []
             case SetPriority(priority=prio):
                 if not 1 <= prio <= 254:
@@ -686,7 +744,7 @@ class Election:
     def draining(self) -> bool:
         return self.drain is not None
 
-    def status(self, now: float) -> dict:
+    def status(self, now: float) -> dict[str, Any]:
         master = None
         if self.master == self.p.node:
             master = {"node": self.p.node, "address": str(self.p.address), "priority": self.priority}
@@ -718,7 +776,7 @@ class Election:
 
 __all__ = [
     "Action", "Command", "Demote", "Drain", "Election", "Event", "Exit", "InstallDelivery",
-    "LocalError", "Notice", "Params", "Peer", "Promote", "Refused", "SendAdvert", "SetFault",
+    "LocalError", "Notice", "Offer", "Params", "Peer", "Promote", "Refused", "SendAdvert", "SetFault",
     "SetMaintenance", "SetPriority", "Start", "StartAnnounce", "State", "Stop", "StopAnnounce",
     "TRANSITIONS", "Transition", "WithdrawDelivery", "mermaid_diagram",
 ]

@@ -31,6 +31,17 @@ the structural length (from the family and the two name lengths; pre-tag, so
 unauthenticated garbage costs a few byte reads), the cluster id (a fixed byte, so
 another cluster sharing the LAN is counted as ``cluster``, not as ``auth``), the HMAC
 tag, then every field, then freshness.
+
+Freshness (:class:`AdvertDecoder`) has two parts. A sender's counter is its wall clock
+in microseconds (:func:`next_counter`), so a receiver with a clock in step (NTP)
+accepts only counters within ``max_skew_us`` of its own clock: a replayed capture is
+refused once it is that old, even by a receiver that has just started and remembers
+nothing, and no authentic advert can push a sender's counter further ahead than that
+(an advert stamped far in the future would otherwise block the sender's real ones).
+Within the window, a counter must exceed the last one accepted from the same node.
+
+Keys: a decoder verifies with any of its keys (the signing key first, then keys
+still accepted during a rotation) and reports which one matched.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import hmac
 import ipaddress
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PROTOCOL_VERSION = 1
@@ -85,7 +97,7 @@ class Advert:
 class AdvertRejected(Exception):
     """A received message that is dropped (and counted by ``reason``)."""
 
-    REASONS = ("malformed", "version", "auth", "replay", "cluster")
+    REASONS = ("malformed", "version", "auth", "replay", "cluster", "stale", "future")
 
     def __init__(self, reason: str, detail: str = ""):
         assert reason in self.REASONS, reason
@@ -212,7 +224,12 @@ def decode_advert(data: bytes, key: bytes, cluster_id: int | None = None) -> Adv
 
     Raises :class:`AdvertRejected` with reason malformed, version, cluster or auth.
     With ``cluster_id`` None, any cluster id is accepted."""
-    key = _check_key(key)
+    return _decode(data, (_check_key(key),), cluster_id)[0]
+
+
+def _decode(data: bytes, keys: tuple[bytes, ...], cluster_id: int | None) -> tuple[Advert, int]:
+    """:func:`decode_advert` with several keys: the advert and the index of the key
+    whose tag matched (the first that does)."""
     data = bytes(data)
     n = len(data)
     if n < 3:
@@ -232,8 +249,11 @@ def decode_advert(data: bytes, key: bytes, cluster_id: int | None = None) -> Adv
     if cluster_id is not None and data[4] != cluster_id:
         raise AdvertRejected("cluster", f"cluster {data[4]}, expected {cluster_id}")
     body, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
-    if not hmac.compare_digest(tag, hmac.new(key, body, hashlib.sha256).digest()):
-        raise AdvertRejected("auth", "HMAC mismatch")
+    for key_index, key in enumerate(keys):  # noqa: B007 - read after the loop: which key matched
+        if hmac.compare_digest(tag, hmac.new(key, body, hashlib.sha256).digest()):
+            break
+    else:
+        raise AdvertRejected("auth", "HMAC mismatch" if len(keys) == 1 else f"HMAC matches none of {len(keys)} keys")
 
     (_magic, _version, msg_type, cid, priority, state, flags, interval, hold, counter,
      digest) = _HEADER.unpack_from(body, 0)
@@ -263,38 +283,75 @@ def decode_advert(data: bytes, key: bytes, cluster_id: int | None = None) -> Adv
         cluster_id=cid, node=node, address=address, priority=priority,
         advert_interval_ms=interval, state=State(state), flags=Flag(flags), successor=successor,
         hold_ms=hold, counter=counter, config_digest=digest,
-    )
+    ), key_index
 
 
 class AdvertDecoder:
     """Accepts only well-formed, authentic, fresh adverts of one cluster.
 
-    Freshness: a node's counter must exceed the last counter accepted from that node
-    name. The replay state changes only when a message is accepted, and holds at most
-    ``max_nodes`` names (least recently accepted forgotten first)."""
+    ``key`` is one key or a sequence of keys (any of them authenticates; see
+    :meth:`set_keys`). Freshness: with ``max_skew_us`` > 0 and the receiver's wall
+    clock given to :meth:`decode`, the counter must lie within ``max_skew_us`` of it
+    (``stale`` below, ``future`` above); and a node's counter must exceed the last
+    counter accepted from that node name (``replay``). The replay state changes only
+    when a message is accepted, and holds at most ``max_nodes`` names (least recently
+    accepted forgotten first)."""
 
-    def __init__(self, key: bytes, cluster_id: int, max_nodes: int = MAX_TRACKED_NODES):
-        self._key = _check_key(key)
+    def __init__(self, key: bytes | Sequence[bytes], cluster_id: int, max_nodes: int = MAX_TRACKED_NODES,
+                 max_skew_us: int = 0):
+        self.set_keys(key)
         self._cluster_id = _check_int("cluster_id", cluster_id, 1, 255)
         if max_nodes < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
+        if max_skew_us < 0:
+            raise ValueError(f"max_skew_us must be >= 0, got {max_skew_us}")
         self._max_nodes = max_nodes
+        self._max_skew_us = max_skew_us
         self._last: OrderedDict[str, int] = OrderedDict()
+        #: node -> index of the key its last accepted advert was signed with
+        self.key_used: dict[str, int] = {}
 
-    def decode(self, data: bytes) -> Advert:
-        advert = decode_advert(data, self._key, self._cluster_id)
+    def set_keys(self, key: bytes | Sequence[bytes]) -> None:
+        """The keys that authenticate from now on (a rotation changes them in place;
+        the replay state is kept)."""
+        keys = (key,) if isinstance(key, (bytes, bytearray)) else tuple(key)
+        if not keys:
+            raise ValueError("at least one HMAC key is needed")
+        self._keys = tuple(_check_key(k) for k in keys)
+
+    def set_window(self, max_skew_us: int) -> None:
+        """A new freshness window (0: off); the replay state is kept."""
+        if max_skew_us < 0:
+            raise ValueError(f"max_skew_us must be >= 0, got {max_skew_us}")
+        self._max_skew_us = max_skew_us
+
+    def decode(self, data: bytes, now_us: int | None = None) -> Advert:
+        """Check one message; ``now_us`` is the receiver's wall clock in microseconds
+        (None: no window check, only the per-node order)."""
+        advert, key_index = _decode(data, self._keys, self._cluster_id)
+        if self._max_skew_us and now_us is not None:
+            off = advert.counter - now_us
+            if off < -self._max_skew_us:
+                raise AdvertRejected("stale", f"counter {-off / 1e6:.3f} s behind this clock (window "
+                                              f"{self._max_skew_us / 1e6:g} s) from {advert.node!r}")
+            if off > self._max_skew_us:
+                raise AdvertRejected("future", f"counter {off / 1e6:.3f} s ahead of this clock (window "
+                                               f"{self._max_skew_us / 1e6:g} s) from {advert.node!r}")
         last = self._last.get(advert.node)
         if last is not None and advert.counter <= last:
             raise AdvertRejected("replay", f"counter {advert.counter} <= {last} from {advert.node!r}")
         self._last[advert.node] = advert.counter
         self._last.move_to_end(advert.node)
+        self.key_used[advert.node] = key_index
         while len(self._last) > self._max_nodes:
-            self._last.popitem(last=False)
+            forgotten, _ = self._last.popitem(last=False)
+            self.key_used.pop(forgotten, None)
         return advert
 
     def reset(self, node: str) -> None:
         """Forget the last counter of ``node`` (no-op if unknown)."""
         self._last.pop(node, None)
+        self.key_used.pop(node, None)
 
     def last_counter(self, node: str) -> int | None:
         return self._last.get(node)

@@ -18,7 +18,15 @@ and does not loop its own datagrams back. Unicast: the socket is bound to
 
 Received datagrams are read with ``recvmsg`` from a ``loop.add_reader`` callback
 (asyncio's DatagramProtocol hides the TTL ancillary data), at most
-:data:`RECV_BATCH` per wakeup so a flood cannot starve the loop.
+:data:`RECV_BATCH` per wakeup so a flood cannot starve the loop. :meth:`AdvertTransport.drain`
+reads what is waiting right now (until EAGAIN, at most :data:`DRAIN_MAX`): the daemon
+calls it before it acts on a timer, because after a pause (SIGSTOP, a descheduled vCPU)
+asyncio runs expired timers before it sees the readable socket (CPython's ``epoll.poll``
+returns no events when it is interrupted and its timeout has passed).
+
+Each datagram is handed on with its receive time on the loop's clock: the kernel's
+stamp (SO_TIMESTAMPNS, wall clock) converted by :func:`receive_time`, however late it is
+read, so the election decides on true arrival times.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import errno
 import ipaddress
 import socket
 import struct
-from typing import Any, Callable
+import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -41,18 +51,43 @@ IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 IPV6_MULTICAST_ALL = getattr(socket, "IPV6_MULTICAST_ALL", 29)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_TIMESTAMPNS = 35  # SCM_TIMESTAMPNS has the same value
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 #: TTL / hop limit of every advert sent, and the only one accepted.
 REQUIRED_TTL = 255
 #: Datagrams read per reader wakeup at most.
 RECV_BATCH = 64
+#: Receive buffer asked for (the kernel doubles it): adverts keep arriving while the
+#: daemon is stopped, and the ones that find the buffer full are lost, the newest first.
+#: The default (212,992 bytes) holds ~256 adverts, 2.5 s at 10 ms adverts; this holds
+#: ~2,500 (25 s). Memory is used only while adverts wait.
+RCVBUF_BYTES = 1 << 20
+#: Datagrams one :meth:`AdvertTransport.drain` reads at most: more than a full receive
+#: buffer holds, so a drain normally ends at EAGAIN (all that waited has been read).
+DRAIN_MAX = 4096
 #: Receive buffer per datagram; adverts are far smaller, larger datagrams are dropped.
 RECV_BYTES = 2048
 
-OnDatagram = Callable[[bytes, IPAddress], None]
+#: ``on_datagram(data, source, rx_time)``: rx_time is when the datagram reached the
+#: kernel, on the loop's clock (``loop.time()``), see :func:`receive_time`
+OnDatagram = Callable[[bytes, IPAddress, float], None]
 
 _INT = struct.Struct("@i")
 _TIMESPEC = struct.Struct("@qq")
+
+
+def receive_time(rx_wall: float | None, wall_now: float, loop_now: float, empty_at: float) -> float:
+    """The loop-clock time a datagram reached the kernel, from its SO_TIMESTAMPNS stamp
+    ``rx_wall`` (wall clock), read at ``wall_now`` / ``loop_now``.
+
+    However old the stamp, it is used: a datagram read late (after a pause) keeps its
+    true arrival time. A wall-clock step between the arrival and the read would shift
+    it, so the result is kept within what is known for certain whatever the wall clock
+    did: the datagram arrived after ``empty_at`` (loop time the socket was last found
+    empty) and before ``loop_now``. Without a stamp: ``loop_now``."""
+    if rx_wall is None:
+        return loop_now
+    return min(loop_now, max(empty_at, loop_now - (wall_now - rx_wall)))
 
 
 class TransportError(OSError):
@@ -80,9 +115,9 @@ class AdvertTransport:
         self._ttl_cmsg = ((socket.IPPROTO_IP, socket.IP_TTL) if self.family == 4
                           else (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT))
         self._ancbufsize = socket.CMSG_SPACE(_INT.size) * 2 + socket.CMSG_SPACE(_TIMESPEC.size)
-        #: the kernel's receive time (unix time, SO_TIMESTAMPNS) of the datagram being
-        #: handed to ``on_datagram``; None if the kernel gave none
-        self.rx_wall: float | None = None
+        #: loop time the socket was last found empty: nothing waiting in it now arrived
+        #: before (the lower bound of :func:`receive_time`)
+        self._empty_at = self._loop.time()
         self._last_send_error: str | None = None
         self._closed = False
         # counters (exported as metrics by the daemon)
@@ -94,12 +129,13 @@ class AdvertTransport:
         self.oversize_drops = 0
         self.recv_errors = 0
         self.callback_errors = 0
+        self.drained = 0  # datagrams read by drain() rather than by the reader
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    async def open(cls, cfg: Config, on_datagram: OnDatagram, *, logger: Any = None) -> "AdvertTransport":
+    async def open(cls, cfg: Config, on_datagram: OnDatagram, *, logger: Any = None) -> AdvertTransport:
         """Open the transport configured in ``cfg.election`` on ``cfg.node.interface``.
 
         Raises :class:`TransportError` if the socket cannot be set up."""
@@ -168,36 +204,51 @@ class AdvertTransport:
     # ------------------------------------------------------------------ receiving
 
     def _on_readable(self) -> None:
-        for _ in range(RECV_BATCH):
+        self._read(RECV_BATCH)
+
+    def drain(self, limit: int = DRAIN_MAX) -> int:
+        """Read what is waiting in the socket now, without blocking (until EAGAIN, at most
+        ``limit`` datagrams), handing each on as the reader would. Returns how many."""
+        n = self._read(limit)
+        self.drained += n
+        return n
+
+    def _read(self, limit: int) -> int:
+        read = 0
+        for _ in range(limit):
             if self._closed:
-                return
+                break
             try:
                 data, ancdata, flags, addr = self._sock.recvmsg(RECV_BYTES, self._ancbufsize)
             except (BlockingIOError, InterruptedError):
-                return
+                self._empty_at = self._loop.time()
+                break
             except OSError as exc:
                 self.recv_errors += 1
                 if _power_of_two(self.recv_errors):
                     self._log.warning("advert receive failed", interface=self.interface,
                                       error=exc.strerror or str(exc), recv_errors=self.recv_errors)
                 continue
+            read += 1
             self._handle(data, ancdata, flags, addr)
+        return read
 
     def _handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int,
                 addr: tuple[Any, ...]) -> None:
+        loop_now, wall_now = self._loop.time(), time.time()
         src = ipaddress.ip_address(addr[0].partition("%")[0])
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             self.oversize_drops += 1
             self._drop_log("oversize", src, self.oversize_drops)
             return
         ttl = None
-        self.rx_wall = None
+        rx_wall = None
         for level, kind, value in ancdata:
             if (level, kind) == self._ttl_cmsg and len(value) >= _INT.size:
                 ttl = _INT.unpack_from(value)[0]
             elif (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS) and len(value) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(value)
-                self.rx_wall = sec + nsec / 1e9
+                rx_wall = sec + nsec / 1e9
         if ttl != REQUIRED_TTL:
             self.ttl_drops += 1
             self._drop_log("ttl", src, self.ttl_drops, ttl=ttl)
@@ -208,8 +259,8 @@ class AdvertTransport:
             return
         self.received += 1
         try:
-            self._on_datagram(data, src)
-        except Exception:
+            self._on_datagram(data, src, receive_time(rx_wall, wall_now, loop_now, self._empty_at))
+        except Exception:  # noqa: BLE001 - a handler bug must not stop the receive loop: counted, logged
             self.callback_errors += 1
             self._log.exception("advert handler failed", interface=self.interface, source=str(src))
 
@@ -225,7 +276,7 @@ class AdvertTransport:
             "sent": self.sent, "send_errors": self.send_errors, "received": self.received,
             "ttl_drops": self.ttl_drops, "foreign_drops": self.foreign_drops,
             "oversize_drops": self.oversize_drops, "recv_errors": self.recv_errors,
-            "callback_errors": self.callback_errors,
+            "callback_errors": self.callback_errors, "drained": self.drained,
         }
 
     @property
@@ -271,6 +322,10 @@ def _optional(sock: socket.socket, level: int, option: int, value: int) -> None:
 def _common(sock: socket.socket, cfg: Config) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # the master-down timer counts from arrival
+    try:  # CAP_NET_ADMIN: beyond net.core.rmem_max
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_BYTES)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)  # up to rmem_max
     sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, cfg.node.interface.encode())
     if cfg.node.address.version == 4:
         sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
