@@ -24,8 +24,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import structlog
@@ -112,7 +113,7 @@ class Responder:
         while not self.done.is_set():
             try:
                 data, peer = self.sock.recvfrom(2048)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -141,7 +142,7 @@ class Client:
             self.sock.settimeout(left)
             try:
                 data, _ = self.sock.recvfrom(2048)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return False
             if data == b"re:" + msg:
                 return True
@@ -205,7 +206,7 @@ async def dp_factory(lab: Lab, tmp_path: Path) -> Any:
         for dp in made:
             try:
                 await asyncio.wait_for(dp.close(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 for t in asyncio.all_tasks():
                     t.print_stack()
                 raise

@@ -8,8 +8,17 @@ from typing import Any
 import structlog
 
 from vipless_failover.dataplane import desired as d
-from vipless_failover.dataplane.desired import (ActualMarks, AddRoute, AddRule, DeleteMarkTable, DeleteRoute,
-                                                DeleteRule, ReplaceMarkTable, RouteSpec, RuleSpec)
+from vipless_failover.dataplane.desired import (
+    ActualMarks,
+    AddRoute,
+    AddRule,
+    DeleteMarkTable,
+    DeleteRoute,
+    DeleteRule,
+    ReplaceMarkTable,
+    RouteSpec,
+    RuleSpec,
+)
 from vipless_failover.dataplane.marks import CHAIN_HEADER, inspect_listing, parse_listing
 
 from .test_desired import BASE, make
@@ -129,7 +138,7 @@ def listing(spec: d.MarkTableSpec, rules: list[str] | None = None, extra_chain: 
             f"\t\t{CHAIN_HEADER}", *body, "\t}"]
     if extra_chain:
         text += ["\tchain other {", "\t\ttype filter hook input priority filter; policy accept;", "\t}"]
-    return "\n".join(text + ["}", ""])
+    return "\n".join([*text, "}", ""])
 
 
 def test_inspect_listing_recognizes_intact_flushed_and_edited_tables() -> None:

@@ -1,21 +1,28 @@
-"""IPVS desired state and minimal diff (dataplane/ipvs.py, pure part; no root, no IPVS)."""
+"""IPVS desired state and minimal diff (dataplane/ipvs_plan.py, pure; no root, no IPVS, no socket)."""
 
 from __future__ import annotations
 
 import copy
-import errno
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vipless_failover import config
-from vipless_failover.dataplane import ipvs
-from vipless_failover.dataplane.ipvs import (
-    AddDest, AddService, DeleteDest, DeleteService, EditDest, EditService, IpvsDest,
-    IpvsServiceState, IpvsState, desired_ipvs, diff_ipvs,
+from vipless_failover.dataplane import ipvs_plan as plan
+from vipless_failover.dataplane.ipvs_plan import (
+    AddDest,
+    AddService,
+    DeleteDest,
+    DeleteService,
+    EditDest,
+    EditService,
+    IpvsDest,
+    IpvsServiceState,
+    IpvsState,
+    desired_ipvs,
+    diff_ipvs,
 )
 
 A = ipaddress.ip_address
@@ -41,16 +48,16 @@ def make(mutate: Any = None) -> config.Config:
 
 def svc1(**over: Any) -> IpvsServiceState:
     base = dict(family=4, fwmark=1, scheduler="wrr", timeout=0, flags=0, netmask=32,
-                dests=(IpvsDest(A("203.0.113.21"), 0, 1, ipvs.FWD_DR),
-                       IpvsDest(A("203.0.113.22"), 0, 3, ipvs.FWD_NAT)))
+                dests=(IpvsDest(A("203.0.113.21"), 0, 1, plan.FWD_DR),
+                       IpvsDest(A("203.0.113.22"), 0, 3, plan.FWD_NAT)))
     base.update(over)
     return IpvsServiceState(**base)
 
 
 def svc2() -> IpvsServiceState:
     return IpvsServiceState(family=6, fwmark=2, scheduler="sh", timeout=120,
-                            flags=ipvs.SVC_F_PERSISTENT | ipvs.SVC_F_SCHED2, netmask=128,
-                            dests=(IpvsDest(A("2001:db8::21"), 8080, 7, ipvs.FWD_TUN),))
+                            flags=plan.SVC_F_PERSISTENT | plan.SVC_F_SCHED2, netmask=128,
+                            dests=(IpvsDest(A("2001:db8::21"), 8080, 7, plan.FWD_TUN),))
 
 
 # -- desired ----------------------------------------------------------------
@@ -68,19 +75,19 @@ def test_desired_keys_family_fwmark_and_netmask_per_family() -> None:
 
 
 def test_forward_methods_are_kernel_conn_flags() -> None:
-    assert ipvs.FORWARD_METHOD == {"nat": 0, "tun": 2, "dr": 3}
+    assert plan.FORWARD_METHOD == {"nat": 0, "tun": 2, "dr": 3}
 
 
 def test_persistent_flag_without_timeout_gets_ipvsadm_default() -> None:
     def mutate(data: dict[str, Any]) -> None:
         data["ipvs"]["services"][0]["flags"] = ["persistent"]
     svc = desired_ipvs(make(mutate)).services[(4, 1)]
-    assert svc.flags == ipvs.SVC_F_PERSISTENT
-    assert svc.timeout == ipvs.DEFAULT_PERSISTENCE_S
+    assert svc.flags == plan.SVC_F_PERSISTENT
+    assert svc.timeout == plan.DEFAULT_PERSISTENCE_S
 
 
 def test_hashed_flag_is_kernel_bookkeeping_and_never_compared() -> None:
-    assert svc1(flags=ipvs.SVC_F_HASHED) == svc1()
+    assert svc1(flags=plan.SVC_F_HASHED) == svc1()
 
 
 def test_example_config_desired() -> None:
@@ -90,7 +97,7 @@ def test_example_config_desired() -> None:
     svc = state.services[(4, 1)]
     assert svc.scheduler == "wrr"
     assert [str(d.address) for d in svc.dests] == ["203.0.113.21", "203.0.113.22"]
-    assert {d.forward for d in svc.dests} == {ipvs.FWD_DR}
+    assert {d.forward for d in svc.dests} == {plan.FWD_DR}
 
 
 def test_empty_config_is_empty_state() -> None:
@@ -111,16 +118,16 @@ def test_add_everything_from_empty_in_order() -> None:
     ops = diff_ipvs(desired_ipvs(make()), IpvsState())
     assert ops == [
         AddService(svc1(dests=())),
-        AddDest((4, 1), IpvsDest(A("203.0.113.21"), 0, 1, ipvs.FWD_DR)),
-        AddDest((4, 1), IpvsDest(A("203.0.113.22"), 0, 3, ipvs.FWD_NAT)),
-        AddService(IpvsServiceState(6, 2, "sh", 120, ipvs.SVC_F_PERSISTENT | ipvs.SVC_F_SCHED2, 128)),
-        AddDest((6, 2), IpvsDest(A("2001:db8::21"), 8080, 7, ipvs.FWD_TUN)),
+        AddDest((4, 1), IpvsDest(A("203.0.113.21"), 0, 1, plan.FWD_DR)),
+        AddDest((4, 1), IpvsDest(A("203.0.113.22"), 0, 3, plan.FWD_NAT)),
+        AddService(IpvsServiceState(6, 2, "sh", 120, plan.SVC_F_PERSISTENT | plan.SVC_F_SCHED2, 128)),
+        AddDest((6, 2), IpvsDest(A("2001:db8::21"), 8080, 7, plan.FWD_TUN)),
     ]
 
 
 def test_adopt_desired_equals_actual_no_ops() -> None:
     state = desired_ipvs(make())
-    actual = IpvsState.of([svc2(), svc1(flags=ipvs.SVC_F_HASHED)])  # as the kernel reports it
+    actual = IpvsState.of([svc2(), svc1(flags=plan.SVC_F_HASHED)])  # as the kernel reports it
     assert diff_ipvs(state, actual, owned=state.keys()) == []
 
 
@@ -128,16 +135,16 @@ def test_change_one_weight_is_exactly_one_edit_dest() -> None:
     def mutate(data: dict[str, Any]) -> None:
         data["ipvs"]["services"][0]["reals"][1]["weight"] = 9
     ops = diff_ipvs(desired_ipvs(make(mutate)), desired_ipvs(make()))
-    assert ops == [EditDest((4, 1), IpvsDest(A("203.0.113.22"), 0, 9, ipvs.FWD_NAT),
-                            before=IpvsDest(A("203.0.113.22"), 0, 3, ipvs.FWD_NAT))]
+    assert ops == [EditDest((4, 1), IpvsDest(A("203.0.113.22"), 0, 9, plan.FWD_NAT),
+                            before=IpvsDest(A("203.0.113.22"), 0, 3, plan.FWD_NAT))]
 
 
 def test_change_forward_method_is_one_edit_dest() -> None:
     def mutate(data: dict[str, Any]) -> None:
         data["ipvs"]["services"][0]["reals"][0]["forward"] = "tun"
     ops = diff_ipvs(desired_ipvs(make(mutate)), desired_ipvs(make()))
-    assert ops == [EditDest((4, 1), IpvsDest(A("203.0.113.21"), 0, 1, ipvs.FWD_TUN),
-                            before=IpvsDest(A("203.0.113.21"), 0, 1, ipvs.FWD_DR))]
+    assert ops == [EditDest((4, 1), IpvsDest(A("203.0.113.21"), 0, 1, plan.FWD_TUN),
+                            before=IpvsDest(A("203.0.113.21"), 0, 1, plan.FWD_DR))]
 
 
 def test_change_scheduler_is_one_edit_service_not_delete_add() -> None:
@@ -170,7 +177,7 @@ def test_removed_service_not_in_ownership_record_is_left_alone() -> None:
 
 
 def test_foreign_service_untouched() -> None:
-    foreign = IpvsServiceState(4, 77, "rr", dests=(IpvsDest(A("192.0.2.99"), 0, 1, ipvs.FWD_DR),))
+    foreign = IpvsServiceState(4, 77, "rr", dests=(IpvsDest(A("192.0.2.99"), 0, 1, plan.FWD_DR),))
     desired = desired_ipvs(make())
     actual = IpvsState.of([svc1(), svc2(), foreign])
     assert diff_ipvs(desired, actual, owned=desired.keys()) == []
@@ -180,16 +187,16 @@ def test_foreign_service_untouched() -> None:
 
 
 def test_add_and_remove_reals_add_first_then_delete() -> None:
-    new = IpvsDest(A("203.0.113.23"), 0, 1, ipvs.FWD_DR)
-    old = IpvsDest(A("203.0.113.21"), 0, 1, ipvs.FWD_DR)
-    desired = IpvsState.of([svc1(dests=(new, IpvsDest(A("203.0.113.22"), 0, 3, ipvs.FWD_NAT)))])
+    new = IpvsDest(A("203.0.113.23"), 0, 1, plan.FWD_DR)
+    old = IpvsDest(A("203.0.113.21"), 0, 1, plan.FWD_DR)
+    desired = IpvsState.of([svc1(dests=(new, IpvsDest(A("203.0.113.22"), 0, 3, plan.FWD_NAT)))])
     ops = diff_ipvs(desired, IpvsState.of([svc1()]))
     assert ops == [AddDest((4, 1), new), DeleteDest((4, 1), old)]
 
 
 def test_real_port_change_is_add_plus_delete() -> None:
-    moved = IpvsDest(A("203.0.113.21"), 8080, 1, ipvs.FWD_DR)
-    desired = IpvsState.of([svc1(dests=(moved, IpvsDest(A("203.0.113.22"), 0, 3, ipvs.FWD_NAT)))])
+    moved = IpvsDest(A("203.0.113.21"), 8080, 1, plan.FWD_DR)
+    desired = IpvsState.of([svc1(dests=(moved, IpvsDest(A("203.0.113.22"), 0, 3, plan.FWD_NAT)))])
     ops = diff_ipvs(desired, IpvsState.of([svc1()]))
     assert [type(op) for op in ops] == [AddDest, DeleteDest]
 
@@ -233,104 +240,3 @@ def test_ops_describe_themselves() -> None:
     assert str(ops[0]) == "add service fwmark 1 inet wrr"
     assert str(ops[1]) == "add real 203.0.113.21:0 dr weight 1 to fwmark 1 inet"
     assert str(ops[4]) == "add real [2001:db8::21]:8080 tun weight 7 to fwmark 2 inet6"
-
-
-# -- encoding and errors ----------------------------------------------------
-
-
-def test_netmask_encoding_roundtrip() -> None:
-    assert ipvs.netmask_attr(4, 32) == "255.255.255.255"
-    assert ipvs.netmask_prefixlen(4, "255.255.255.255") == 32
-    assert ipvs.netmask_prefixlen(4, "255.255.255.0") == 24
-    for plen in (1, 64, 128):
-        assert ipvs.netmask_prefixlen(6, ipvs.netmask_attr(6, plen)) == plen
-    assert ipvs.netmask_prefixlen(6, None) == 128
-
-
-def test_missing_scheduler_error_is_clear() -> None:
-    op = AddService(IpvsServiceState(4, 9, "twos"))
-    err = ipvs.error_for(op, errno.ENOENT)
-    assert err.op is op
-    assert "scheduler 'twos' not available in this kernel (modprobe ip_vs_twos?)" in str(err)
-    edit = EditService(IpvsServiceState(4, 9, "xyz"), IpvsServiceState(4, 9, "wrr"))
-    assert "scheduler 'xyz' not available" in str(ipvs.error_for(edit, errno.ENOENT))
-
-
-def test_other_errors_name_the_op() -> None:
-    op = DeleteDest((4, 1), IpvsDest(A("203.0.113.21")))
-    err = ipvs.error_for(op, errno.EPERM)
-    assert str(err).startswith("delete real 203.0.113.21:0 dr weight 1 from fwmark 1 inet: ")
-    assert "EPERM" in str(err)
-
-
-# -- ownership record -------------------------------------------------------
-
-
-def test_ownership_record_roundtrip_and_atomic(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "ipvs-owned.json"
-    assert ipvs.read_owned(path) == frozenset()
-    ipvs.write_owned(path, [(6, 2), (4, 1)])
-    assert ipvs.read_owned(path) == {(4, 1), (6, 2)}
-    assert json.loads(path.read_text())["services"] == [{"family": 4, "fwmark": 1},
-                                                       {"family": 6, "fwmark": 2}]
-    ipvs.write_owned(path, [])
-    assert ipvs.read_owned(path) == frozenset()
-    assert [p.name for p in path.parent.iterdir()] == ["ipvs-owned.json"]  # no temp files left
-
-
-def test_corrupt_ownership_record_raises(tmp_path: Path) -> None:
-    path = tmp_path / "o.json"
-    path.write_text("{not json")
-    with pytest.raises(ipvs.IpvsError, match="ownership record"):
-        ipvs.read_owned(path)
-    path.write_text('{"services": [{"fwmark": 1}]}')
-    with pytest.raises(ipvs.IpvsError, match="malformed"):
-        ipvs.read_owned(path)
-
-
-def test_unavailable_without_ipvs_is_reported_not_raised() -> None:
-    """On a kernel without IPVS (this host) available() is False; read() says why."""
-    services = ipvs.IpvsServices(owned_path="/nonexistent/o.json")
-    try:
-        present = services.available()
-    except ipvs.IpvsError as exc:  # e.g. no permission to open netlink: still typed
-        pytest.skip(f"cannot probe netlink here: {exc}")
-    if present:
-        pytest.skip("this kernel has IPVS")
-    with pytest.raises(ipvs.IpvsUnavailable, match="IPVS is not available"):
-        services.read()
-
-
-# -- schedulers the kernel lacks: a config error before anything is applied --------
-
-
-def _sched_cfg(*schedulers: str):
-    from vipless_failover import config as config_mod
-    services = [{"fwmark": i + 1, "scheduler": s} for i, s in enumerate(schedulers)]
-    return config_mod.parse({
-        "node": {"name": "d", "interface": "eth0", "address": "192.0.2.11"},
-        "election": {"cluster_id": 1, "priority": 100, "key_file": "/k"},
-        "ipvs": {"services": services},
-    })
-
-
-def test_missing_schedulers_from_the_kernel_module_lists(tmp_path):
-    from vipless_failover.dataplane.ipvs import missing_schedulers
-    mods = tmp_path / "modules" / "6.1.0-test"
-    mods.mkdir(parents=True)
-    (mods / "modules.dep").write_text(
-        "kernel/net/netfilter/ipvs/ip_vs_rr.ko: kernel/net/netfilter/ipvs/ip_vs.ko\n"
-        "kernel/net/netfilter/ipvs/ip_vs_wrr.ko.xz: kernel/net/netfilter/ipvs/ip_vs.ko\n")
-    (mods / "modules.builtin").write_text("kernel/net/netfilter/ipvs/ip_vs_sh.ko\n")
-    sysmod = tmp_path / "sys_module"
-    (sysmod / "ip_vs_lc").mkdir(parents=True)  # loaded
-    cfg = _sched_cfg("rr", "wrr", "sh", "lc", "twos", "mh")
-    missing = missing_schedulers(cfg, release="6.1.0-test", modules_root=tmp_path / "modules",
-                                 sys_module=sysmod)
-    assert missing == [("ipvs.services[4].scheduler", "twos"), ("ipvs.services[5].scheduler", "mh")]
-
-
-def test_missing_schedulers_says_nothing_without_module_lists(tmp_path):
-    from vipless_failover.dataplane.ipvs import missing_schedulers
-    assert missing_schedulers(_sched_cfg("twos"), release="none", modules_root=tmp_path,
-                              sys_module=tmp_path) == []

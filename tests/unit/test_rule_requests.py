@@ -7,13 +7,12 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 
 from vipless_failover.dataplane.desired import FULL_MASK, RuleSpec
-from vipless_failover.dataplane.rules import (NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, RTM_DELRULE,
-                                              RTM_NEWRULE, encode_rule_request, parse_acks, rule_from_msg)
+from vipless_failover.dataplane.nlcodec import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+from vipless_failover.dataplane.rules import RTM_DELRULE, RTM_NEWRULE, encode_rule_request, rule_from_msg
 
 
 def decode(data: bytes) -> fibmsg:
@@ -61,15 +60,6 @@ def test_large_table_uses_the_compat_header_value() -> None:
 def test_a_rule_read_back_with_foreign_attributes_is_not_encoded() -> None:
     with pytest.raises(ValueError, match="foreign attributes"):
         encode_rule_request(RuleSpec(4, 100, 100, 98, extra=(("FRA_GOTO", 5),)), True, 1)
-
-
-def test_acks_are_read_by_sequence_number() -> None:
-    def ack(seq: int, err: int) -> bytes:
-        return struct.pack("=IHHII", 36, 2, 0, seq, 0) + struct.pack("=i", err) + bytes(16)
-
-    assert parse_acks(ack(7, 0) + ack(8, -17) + ack(9, -2)) == {7: 0, 8: 17, 9: 2}
-    assert parse_acks(b"") == {}
-    assert parse_acks(ack(7, 0)[:18]) == {}  # truncated before the errno: nothing made up
 
 
 def test_destinations_read_back_as_the_config_writes_them() -> None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from ..config import Config, IpvsService
 
@@ -135,7 +136,7 @@ class MarkTableSpec:
     digest: str = field(default="", compare=False)
 
     @staticmethod
-    def build(name: str, rules: Iterable[MarkRule]) -> "MarkTableSpec":
+    def build(name: str, rules: Iterable[MarkRule]) -> MarkTableSpec:
         rules = tuple(rules)
         blob = "\n".join(r.text() for r in rules)
         return MarkTableSpec(name=name, rules=rules, digest=_digest(f"{name}\n{blob}")[:16])
@@ -250,7 +251,8 @@ def mark_table(cfg: Config, name: str = NFT_TABLE) -> MarkTableSpec | None:
             if not nets:
                 continue
             # collapse: overlapping prefixes would make nft refuse the anonymous interval set
-            dests = tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
+            # (one family per call: mypy cannot see that nets holds only IPv{family}Network)
+            dests = tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
             protocols = tuple(sorted(set(group.protocols)))
             ports = tuple(sorted(set(group.ports)))
             rules.append(MarkRule(group=group.name, fwmark=group.fwmark, family=family,
@@ -278,13 +280,14 @@ def diff_rules(desired: Iterable[RuleSpec], actual: Iterable[RuleSpec]) -> list[
     """Adds first (make before break), then deletes; each group sorted."""
     want, have = set(desired), set(actual)
     key = RuleSpec.sort_key
-    return ([AddRule(r) for r in sorted(want - have, key=key)]
-            + [DeleteRule(r) for r in sorted(have - want, key=key)])
+    adds: list[Operation] = [AddRule(r) for r in sorted(want - have, key=key)]
+    return adds + [DeleteRule(r) for r in sorted(have - want, key=key)]
 
 
 def diff_routes(desired: Iterable[RouteSpec], actual: Iterable[RouteSpec]) -> list[Operation]:
     want, have = set(desired), set(actual)
-    return [AddRoute(r) for r in sorted(want - have)] + [DeleteRoute(r) for r in sorted(have - want)]
+    adds: list[Operation] = [AddRoute(r) for r in sorted(want - have)]
+    return adds + [DeleteRoute(r) for r in sorted(have - want)]
 
 
 def diff_marks(desired: MarkTableSpec | None, actual: ActualMarks, name: str = NFT_TABLE) -> list[Operation]:

@@ -129,7 +129,7 @@ class MarkTable:
         try:
             out, err = await within(
                 proc.communicate(stdin.encode() if stdin is not None else None), NFT_TIMEOUT_S)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()

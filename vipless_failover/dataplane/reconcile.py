@@ -4,8 +4,9 @@ It owns three kinds of kernel objects and reconciles each by diff (desired.py):
 
 - delivery rules and the ``local`` routes of table T (rules.DeliveryRules, rtnetlink),
 - the nft mark table (marks.MarkTable, the ``nft`` binary),
-- IPVS fwmark services and reals (ipvs.IpvsServices, generic netlink; optional: a
-  kernel without IPVS is reported once and everything else runs).
+- IPVS fwmark services and reals (planned by ipvs_plan.py, applied by
+  ipvs.IpvsServices over generic netlink; optional: a kernel without IPVS is
+  reported once and everything else runs).
 
 When it reconciles:
 
@@ -39,15 +40,14 @@ import asyncio
 import errno
 import gc
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any
 
 from ..aio import cancel_and_wait
 from ..config import Config
-from . import desired as d
-from . import ipvs as _ipvs
+from . import desired as d, ipvs as _ipvs, nlcodec
+from .ipvs_plan import IpvsState, desired_ipvs
 from .marks import MarkTable, MarkTableError
 from .rules import DeliveryError, DeliveryRules
 
@@ -325,7 +325,7 @@ class Dataplane:
 
     async def _ipvs_pass(self, errors: list[str]) -> int:
         assert self._ipvs is not None
-        state = _ipvs.desired_ipvs(self.cfg) if self._warm else _ipvs.IpvsState()
+        state = desired_ipvs(self.cfg) if self._warm else IpvsState()
         try:
             ops = await asyncio.to_thread(self._ipvs.reconcile, state)
         except Exception as exc:  # noqa: BLE001 - IpvsError and anything pyroute2 raises
@@ -345,6 +345,7 @@ class Dataplane:
         interval = self.cfg.dataplane.reconcile_interval_s
         next_periodic = loop.time() + interval
         next_poll = loop.time() + NFT_POLL_S if not self._nft_watched else None
+        parts: tuple[str, ...]  # which parts a pass reconciles
         while True:
             try:
                 now = loop.time()
@@ -440,7 +441,7 @@ class Dataplane:
         self._watch.clear()
 
     def _netlink_socket(self, proto: int, groups: tuple[int, ...]) -> socket.socket:
-        from ..announce import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
+        from ..netns import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
         with in_netns(self.netns):
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
         try:
@@ -488,16 +489,11 @@ class Dataplane:
     def _rtnl_relevant(self, data: bytes) -> bool:
         """Rule changes always; route changes in our tables or with our protocol."""
         compat = {t if t < 256 else 252 for t in self._tables}
-        off = 0
-        while off + 16 <= len(data):
-            length, mtype = struct.unpack_from("=IH", data, off)
-            if length < 16:
-                break
-            if mtype in (RTM_NEWRULE, RTM_DELRULE):
+        for msg in nlcodec.messages(data):
+            if msg.type in (RTM_NEWRULE, RTM_DELRULE):
                 return True
-            if mtype in (RTM_NEWROUTE, RTM_DELROUTE) and off + 16 + 12 <= len(data):
-                table, proto = data[off + 16 + 4], data[off + 16 + 5]
-                if proto in self._protocols or table in compat:
+            if msg.type in (RTM_NEWROUTE, RTM_DELROUTE) and msg.length >= nlcodec.HEADER_SIZE + 12:
+                rtm = msg.payload_offset  # struct rtmsg: table at byte 4, protocol at byte 5
+                if data[rtm + 5] in self._protocols or data[rtm + 4] in compat:
                     return True
-            off += (length + 3) & ~3
         return False

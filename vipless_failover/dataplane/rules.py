@@ -25,14 +25,27 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from .desired import (AddRoute, AddRule, DeleteRoute, DeleteRule, FULL_MASK, RouteSpec, RuleSpec)
+from . import nlcodec
+from .desired import FULL_MASK, AddRoute, AddRule, DeleteRoute, DeleteRule, RouteSpec, RuleSpec
+from .nlcodec import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    encode_attr,
+)
 
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
@@ -42,13 +55,9 @@ RT_SCOPE_HOST = 254
 RT_TABLE_COMPAT = 252
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE, RTM_GETROUTE = 32, 33, 34, 26
 FIB_RULE_DETACHED = 0x8 | 0x10  # FIB_RULE_IIF_DETACHED | FIB_RULE_OIF_DETACHED
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_DUMP_INTR = 0x10
 DUMP_TIMEOUT_S = 5.0
 DUMP_ATTEMPTS = 3  # a dump the kernel flags as interrupted (changed meanwhile) is redone
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
 FRA_DST, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 1, 3, 6, 10, 15, 16, 21
-_NLMSG = struct.Struct("=IHHII")
 _FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table res1 res2 action flags
 _RULE_KNOWN = {"FRA_TABLE", "FRA_PROTOCOL", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_DST",
                "FRA_IIFNAME"}
@@ -109,11 +118,6 @@ def route_from_msg(msg: Any, lo_index: int) -> RouteSpec:
     )
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
-
-
 def encode_rule_request(rule: RuleSpec, add: bool, seq: int) -> bytes:
     """The RTM_NEWRULE (``add``) or RTM_DELRULE request for ``rule``, as ``ip rule add``
     sends it (create + exclusive, acknowledged). A rule read back from the kernel with
@@ -125,55 +129,26 @@ def encode_rule_request(rule: RuleSpec, add: bool, seq: int) -> bytes:
     if rule.dst is not None:
         addr, _, plen = rule.dst.partition("/")
         dst, dst_len = socket.inet_pton(family, addr), int(plen)
-    attrs = [_attr(FRA_PRIORITY, struct.pack("=I", rule.priority)),
-             _attr(FRA_TABLE, struct.pack("=I", rule.table)),
-             _attr(FRA_PROTOCOL, struct.pack("=B", rule.protocol))]
+    attrs = [encode_attr(FRA_PRIORITY, struct.pack("=I", rule.priority)),
+             encode_attr(FRA_TABLE, struct.pack("=I", rule.table)),
+             encode_attr(FRA_PROTOCOL, struct.pack("=B", rule.protocol))]
     if dst:
-        attrs.append(_attr(FRA_DST, dst))
+        attrs.append(encode_attr(FRA_DST, dst))
     if rule.fwmark is not None:
-        attrs.append(_attr(FRA_FWMARK, struct.pack("=I", rule.fwmark)))
-        attrs.append(_attr(FRA_FWMASK, struct.pack("=I", rule.mask if rule.mask is not None else FULL_MASK)))
+        attrs.append(encode_attr(FRA_FWMARK, struct.pack("=I", rule.fwmark)))
+        attrs.append(encode_attr(FRA_FWMASK, struct.pack("=I", rule.mask if rule.mask is not None else FULL_MASK)))
     if rule.iif is not None:
-        attrs.append(_attr(FRA_IIFNAME, rule.iif.encode() + b"\0"))
+        attrs.append(encode_attr(FRA_IIFNAME, rule.iif.encode() + b"\0"))
     body = _FIB_RULE_HDR.pack(family, dst_len, 0, 0, rule.table if rule.table < 256 else RT_TABLE_COMPAT,
                               0, 0, FR_ACT_TO_TBL, 0) + b"".join(attrs)
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
-    return _NLMSG.pack(_NLMSG.size + len(body), RTM_NEWRULE if add else RTM_DELRULE, flags, seq, 0) + body
-
-
-def _nlmsgs(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
-    """(offset, length, type, flags, sequence number) of each netlink message in
-    ``data``. A message shorter than its own header is yielded last: nothing after it
-    can be found; the caller decides what that means."""
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, mtype, flags, seq, _pid = _NLMSG.unpack_from(data, off)
-        yield off, length, mtype, flags, seq
-        if length < _NLMSG.size:
-            return
-        off += (length + 3) & ~3
+    return nlcodec.encode(RTM_NEWRULE if add else RTM_DELRULE, flags, seq, body)
 
 
 def dump_request(msg_type: int, family: int, seq: int) -> bytes:
     """An rtnetlink dump request (``RTM_GETRULE``, ``RTM_GETROUTE``) of ``family``:
     fib_rule_hdr and rtmsg are both 12 bytes, family first; all zero = no filter."""
-    return _NLMSG.pack(_NLMSG.size + 12, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + bytes([family]) + bytes(11)
-
-
-def _nlmsg_errno(data: bytes, off: int) -> int:
-    """The errno (0: done) of the NLMSG_ERROR message at ``off``."""
-    return -struct.unpack_from("=i", data, off + _NLMSG.size)[0]
-
-
-def parse_acks(data: bytes) -> dict[int, int]:
-    """Sequence number -> errno (0: done) of the NLMSG_ERROR messages in ``data``."""
-    out: dict[int, int] = {}
-    for off, length, mtype, _flags, seq in _nlmsgs(data):
-        if length < _NLMSG.size:
-            break
-        if mtype == NLMSG_ERROR and off + _NLMSG.size + 4 <= len(data):
-            out[seq] = _nlmsg_errno(data, off)
-    return out
+    return nlcodec.encode(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, bytes([family]) + bytes(11))
 
 
 def _hashable(value: Any) -> Any:
@@ -209,7 +184,7 @@ class DeliveryRules:
         self._dump_sock = self._open_socket()
 
     def _open_socket(self) -> socket.socket:
-        from ..announce import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
+        from ..netns import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
         with in_netns(self.netns):
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
@@ -237,9 +212,9 @@ class DeliveryRules:
             raise RuntimeError("DeliveryRules.open() was not called")
         self._drain_batch()  # stale acknowledgements of an earlier batch, if any
         seqs = [self._next_seq() for _ in rules]
-        self._batch.send(b"".join(encode_rule_request(r, add, s) for r, s in zip(rules, seqs)))
+        self._batch.send(b"".join(encode_rule_request(r, add, s) for r, s in zip(rules, seqs, strict=True)))
         acks = self._drain_batch()
-        return [(r, acks.get(s)) for r, s in zip(rules, seqs)]
+        return [(r, acks.get(s)) for r, s in zip(rules, seqs, strict=True)]
 
     def _next_seq(self) -> int:
         """A sequence number for a request of the flip's or the dumps' socket."""
@@ -258,7 +233,7 @@ class DeliveryRules:
                 if exc.errno == errno.ENOBUFS:
                     continue
                 raise
-            acks.update(parse_acks(data))
+            acks.update(nlcodec.parse_acks(data))
         return acks
 
     @property
@@ -313,19 +288,17 @@ class DeliveryRules:
             async with asyncio.timeout(DUMP_TIMEOUT_S):
                 while not done:
                     data = await loop.sock_recv(sock, 1 << 16)
-                    for offset, length, mtype, flags, mseq in _nlmsgs(data):
-                        if length < _NLMSG.size:
-                            raise OSError(errno.EBADMSG, f"netlink message of length {length}")
-                        if mseq != seq:
+                    for m in nlcodec.messages(data, strict=True):  # MalformedMessage: EBADMSG
+                        if m.seq != seq:
                             continue  # the rest of something abandoned
-                        interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-                        if mtype == NLMSG_ERROR and (err := _nlmsg_errno(data, offset)):
+                        interrupted = interrupted or bool(m.flags & NLM_F_DUMP_INTR)
+                        if m.type == NLMSG_ERROR and (err := m.error()):
                             raise OSError(err, f"dump refused: {os.strerror(err)}")
-                        if mtype in (NLMSG_ERROR, NLMSG_DONE):
+                        if m.type in (NLMSG_ERROR, NLMSG_DONE):
                             done = True
                             break
-                        if keep is None or keep(data, offset):
-                            msg = cls(data[offset:offset + length])
+                        if keep is None or keep(data, m.offset):
+                            msg = cls(m.raw)
                             msg.decode()
                             out.append(msg)
                     if not done:
@@ -349,7 +322,7 @@ class DeliveryRules:
         protos, tabs = set(protocols), set(tables)
 
         def ours(data: bytes, offset: int) -> bool:  # rtm_protocol: byte 5 of struct rtmsg
-            return data[offset + _NLMSG.size + 5] in protos
+            return data[offset + nlcodec.HEADER_SIZE + 5] in protos
 
         out: set[RouteSpec] = set()
         for af in (socket.AF_INET, socket.AF_INET6):

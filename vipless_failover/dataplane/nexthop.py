@@ -8,7 +8,7 @@ address + label (``<ifname>:vf``, IPv4) or address alone (IPv6, which has no lab
 IPv6 addresses are added with IFA_F_NODAD so they are usable at once (the backup does
 not hold the address, and a takeover must not wait ~1 s for DAD).
 
-The Announcer (mode "next-hop") announces the address after :meth:`NextHopAddress.add`;
+The Announcer (announce/burst.py, mode "next-hop") announces the address after :meth:`NextHopAddress.add`;
 the kernel itself answers ARP/NS for it, since it is an interface address.
 """
 
@@ -19,8 +19,8 @@ import ipaddress
 import socket
 from typing import Any
 
-from .announce import blocking
-from .config import Config
+from ..aio import blocking
+from ..config import Config
 
 IFA_F_NODAD = 0x02
 LABEL_SUFFIX = ":vf"
@@ -31,7 +31,7 @@ def kernel_has_ifa_proto(release: str | None = None) -> bool:
     import os
     import re
     m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
-    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (6, 1)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (6, 1)
 
 
 class NextHopConflict(RuntimeError):
@@ -55,7 +55,7 @@ class NextHopAddress:
         self._aipr: Any = None  # AsyncIPRoute, opened on first use
         self._index = 0
 
-    # -- netlink (blocking; run in a worker thread, see announce.blocking) -----------
+    # -- netlink (blocking; run in a worker thread, see aio.blocking) ----------------
 
     def _with_ipr(self, fn):
         from pyroute2 import IPRoute
