@@ -23,13 +23,16 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vipless_failover import announce, config
-from vipless_failover.announce import Announcer, in_netns
-from vipless_failover.nexthop import NextHopAddress
+from vipless_failover import config
+from vipless_failover.announce import Announcer, link
+from vipless_failover.dataplane.nexthop import NextHopAddress
+from vipless_failover.netns import in_netns
 
 pytestmark = pytest.mark.lab
 
@@ -63,7 +66,7 @@ class AnnounceLab:
         self.port = {self.a: f"{self.p}sa", self.b: f"{self.p}sb", self.r: f"{self.p}sr"}
         self.created: list[str] = []
 
-    def __enter__(self) -> "AnnounceLab":
+    def __enter__(self) -> AnnounceLab:
         try:
             self._build()
         except BaseException:
@@ -253,8 +256,8 @@ async def _per_vip_failover(lab: AnnounceLab) -> None:
     mac_a, mac_b = lab.mac(lab.a), lab.mac(lab.b)
     log_a, log_b = _Log(), _Log()
     cfg_a, cfg_b = lab.config(lab.a), lab.config(lab.b)
-    announce.check_interface(cfg_a, netns=lab.a)
-    announce.check_interface(cfg_b, netns=lab.b)
+    link.check_interface(cfg_a, netns=lab.a)
+    link.check_interface(cfg_b, netns=lab.b)
     ann_a, ann_b = Announcer(cfg_a, log_a, netns=lab.a), Announcer(cfg_b, log_b, netns=lab.b)
     sink_a, sink_b = udp_sink(lab.a), udp_sink(lab.b)
     try:
@@ -368,7 +371,7 @@ async def test_next_hop_failover(alab: AnnounceLab, family: int) -> None:
     mac_a, mac_b = lab.mac(lab.a), lab.mac(lab.b)
     cfg_a = lab.config(lab.a, mode="next-hop", next_hop=nh, vips=[routed])
     cfg_b = lab.config(lab.b, mode="next-hop", next_hop=nh, vips=[routed])
-    announce.check_interface(cfg_a, netns=lab.a)
+    link.check_interface(cfg_a, netns=lab.a)
     nh_a, nh_b = NextHopAddress(cfg_a, _Log(), netns=lab.a), NextHopAddress(cfg_b, _Log(), netns=lab.b)
     ann_a, ann_b = Announcer(cfg_a, _Log(), netns=lab.a), Announcer(cfg_b, _Log(), netns=lab.b)
     gw = nh.split("/")[0]
@@ -379,7 +382,7 @@ async def test_next_hop_failover(alab: AnnounceLab, family: int) -> None:
         await nh_a.add()  # idempotent
         assert nh_a.present() and not nh_b.present()
         # tagged with our protocol number (IFA_PROTO; this iproute2 cannot show it)
-        facts = announce.read_interface(lab.dev[lab.a], lab.a)
+        facts = link.read_interface(lab.dev[lab.a], lab.a)
         ours = [x for x in facts["addresses"] if str(x["interface"].ip) == gw]
         assert len(ours) == 1 and ours[0]["proto"] == cfg_a.delivery.protocol
         assert str(ours[0]["interface"]) == nh
@@ -399,13 +402,14 @@ async def test_next_hop_failover(alab: AnnounceLab, family: int) -> None:
         assert ann_b.status()["vips"] == 1
 
         # b's check at start sees its own (tagged) address as fine; a foreign one is refused
-        announce.check_interface(cfg_b, netns=lab.b)
+        link.check_interface(cfg_b, netns=lab.b)
         await nh_b.remove()
         fam = "-4" if family == 4 else "-6"
-        sh("ip", "-n", lab.b, fam, "addr", "add", nh, "dev", lab.dev[lab.b], "nodad" if family == 6 else "noprefixroute")
+        sh("ip", "-n", lab.b, fam, "addr", "add", nh, "dev", lab.dev[lab.b],
+           "nodad" if family == 6 else "noprefixroute")
         assert not nh_b.present()
         with pytest.raises(config.ConfigError, match="not added by this daemon"):
-            announce.check_interface(cfg_b, netns=lab.b)
+            link.check_interface(cfg_b, netns=lab.b)
         await nh_b.remove()  # never removes an address that is not ours
         assert gw in sh("ip", "-n", lab.b, "addr", "show", "dev", lab.dev[lab.b]).stdout
     finally:
@@ -419,7 +423,7 @@ async def test_next_hop_failover(alab: AnnounceLab, family: int) -> None:
 def raised_gc_thresh(values: tuple[int, int, int] = (131072, 262144, 524288)) -> Iterator[None]:
     """Neighbour table limits are global to the machine: raise, then restore."""
     keys = [f"/proc/sys/net/{fam}/neigh/default/gc_thresh{i}" for fam in ("ipv4", "ipv6") for i in (1, 2, 3)]
-    saved = {k: open(k).read().strip() for k in keys}
+    saved = {k: Path(k).read_text().strip() for k in keys}
     try:
         for k in keys:
             old = int(saved[k])

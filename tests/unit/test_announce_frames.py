@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 import time
 
@@ -11,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from vipless_failover import announce, config
+from vipless_failover import config
+from vipless_failover.announce import frames, link, responder
 from vipless_failover.config import ConfigError
 
 MAC = bytes.fromhex("020000aabbcc")
@@ -30,7 +32,7 @@ def _valid_cksum(frame: bytes) -> bool:
 
 @pytest.mark.parametrize("vip", ["198.51.100.10", "192.0.2.255", "203.0.113.0"])
 def test_garp_request(vip: str) -> None:
-    pkt = Ether(announce.garp_frame(MAC, ipaddress.IPv4Address(vip), "request"))
+    pkt = Ether(frames.garp_frame(MAC, ipaddress.IPv4Address(vip), "request"))
     assert pkt.dst == "ff:ff:ff:ff:ff:ff" and pkt.src == MAC_S and pkt.type == 0x0806
     arp = pkt[ARP]
     assert (arp.hwtype, arp.ptype, arp.hwlen, arp.plen) == (1, 0x0800, 6, 4)
@@ -41,7 +43,7 @@ def test_garp_request(vip: str) -> None:
 
 
 def test_garp_reply() -> None:
-    pkt = Ether(announce.garp_frame(MAC, ipaddress.IPv4Address("198.51.100.11"), "reply"))
+    pkt = Ether(frames.garp_frame(MAC, ipaddress.IPv4Address("198.51.100.11"), "reply"))
     arp = pkt[ARP]
     assert pkt.dst == "ff:ff:ff:ff:ff:ff"
     assert arp.op == 2
@@ -51,12 +53,12 @@ def test_garp_reply() -> None:
 
 def test_garp_bad_form() -> None:
     with pytest.raises(ValueError):
-        announce.garp_frame(MAC, ipaddress.IPv4Address("198.51.100.1"), "probe")
+        frames.garp_frame(MAC, ipaddress.IPv4Address("198.51.100.1"), "probe")
 
 
 @pytest.mark.parametrize("vip", ["2001:db8::10", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "2001:db8::"])
 def test_unsolicited_na(vip: str) -> None:
-    frame = announce.unsolicited_na_frame(MAC, LL, ipaddress.IPv6Address(vip))
+    frame = frames.unsolicited_na_frame(MAC, LL, ipaddress.IPv6Address(vip))
     pkt = Ether(frame)
     assert pkt.dst == "33:33:00:00:00:01" and pkt.src == MAC_S and pkt.type == 0x86DD
     ip6 = pkt[IPv6]
@@ -76,33 +78,33 @@ def test_unsolicited_na(vip: str) -> None:
        st.binary(min_size=6, max_size=6))
 def test_na_checksum_any_target(target: int, ll_low: int, mac: bytes) -> None:
     ll = ipaddress.IPv6Address((0xFE80 << 112) | ll_low)
-    frame = announce.unsolicited_na_frame(mac, ll, ipaddress.IPv6Address(target))
+    frame = frames.unsolicited_na_frame(mac, ll, ipaddress.IPv6Address(target))
     assert _valid_cksum(frame)
-    assert announce.icmpv6_checksum(ll, announce.ALL_NODES, frame[54:56] + b"\0\0" + frame[58:]) == \
+    assert frames.icmpv6_checksum(ll, frames.ALL_NODES, frame[54:56] + b"\0\0" + frame[58:]) == \
         int.from_bytes(frame[56:58], "big")
 
 
 def test_expand_vips_order_dedupe_split() -> None:
     nets = [ipaddress.ip_network(n) for n in
             ("198.51.100.0/30", "198.51.100.1/32", "2001:db8::/126", "192.0.2.7/32")]
-    v4, v6 = announce.expand_vips(nets)
+    v4, v6 = frames.expand_vips(nets)
     assert [str(a) for a in v4] == ["198.51.100.0", "198.51.100.1", "198.51.100.2", "198.51.100.3", "192.0.2.7"]
     assert [str(a) for a in v6] == ["2001:db8::", "2001:db8::1", "2001:db8::2", "2001:db8::3"]
-    v4, _ = announce.expand_vips([ipaddress.ip_network("198.51.100.0/24")])
+    v4, _ = frames.expand_vips([ipaddress.ip_network("198.51.100.0/24")])
     assert len(v4) == 256
 
 
 def test_expand_vips_cap_is_config_error() -> None:
-    v4, v6 = announce.expand_vips([ipaddress.ip_network("2001:db8::/112")])
+    v4, v6 = frames.expand_vips([ipaddress.ip_network("2001:db8::/112")])
     assert len(v6) == 65_536 and not v4
     with pytest.raises(ConfigError, match="65536"):
-        announce.expand_vips([ipaddress.ip_network("2001:db8::/112"), ipaddress.ip_network("192.0.2.1/32")])
+        frames.expand_vips([ipaddress.ip_network("2001:db8::/112"), ipaddress.ip_network("192.0.2.1/32")])
 
 
 def test_build_65536_frames_fast() -> None:
-    _, v6 = announce.expand_vips([ipaddress.ip_network("2001:db8::/112")])
+    _, v6 = frames.expand_vips([ipaddress.ip_network("2001:db8::/112")])
     t = time.perf_counter()
-    arp, na = announce.build_per_vip_frames(MAC, LL, [], v6, ("request", "reply"))
+    arp, na = frames.build_per_vip_frames(MAC, LL, [], v6, ("request", "reply"))
     elapsed = time.perf_counter() - t
     assert len(na) == 65_536 and not arp
     assert elapsed < 1.0, f"building 65,536 NA frames took {elapsed:.3f}s"
@@ -113,10 +115,10 @@ def test_build_65536_frames_fast() -> None:
 
 def test_build_per_vip_frames_forms() -> None:
     v4 = [ipaddress.IPv4Address("198.51.100.1"), ipaddress.IPv4Address("198.51.100.2")]
-    arp, na = announce.build_per_vip_frames(MAC, None, v4, [ipaddress.IPv6Address("2001:db8::1")], ("reply",))
+    arp, na = frames.build_per_vip_frames(MAC, None, v4, [ipaddress.IPv6Address("2001:db8::1")], ("reply",))
     assert [Ether(f)[ARP].op for f in arp] == [2, 2]
     assert na == []  # no IPv6 source: no NA
-    arp, _ = announce.build_per_vip_frames(MAC, None, v4, [], ("request", "reply"))
+    arp, _ = frames.build_per_vip_frames(MAC, None, v4, [], ("request", "reply"))
     assert [(Ether(f)[ARP].op, Ether(f)[ARP].psrc) for f in arp] == [
         (1, "198.51.100.1"), (2, "198.51.100.1"), (1, "198.51.100.2"), (2, "198.51.100.2")]
 
@@ -131,8 +133,8 @@ class _Log:
         return lambda *a, **k: None
 
 
-def _responder() -> announce.NeighbourResponder:
-    return announce.NeighbourResponder(
+def _responder() -> responder.NeighbourResponder:
+    return responder.NeighbourResponder(
         "eth0", 1, MAC, LL, [ipaddress.IPv4Address("198.51.100.10")],
         [ipaddress.IPv6Address("2001:db8::10")], None, _Log())
 
@@ -186,8 +188,8 @@ def test_responder_arp() -> None:
     # other targets, gratuitous ARPs and replies are ignored
     assert r.answer(bytes(Ether(src=ROUTER_MAC) / ARP(op=1, hwsrc=ROUTER_MAC, psrc="198.51.100.1",
                                                       pdst="198.51.100.11"))) is None
-    assert r.answer(announce.garp_frame(bytes.fromhex("020000000009"),
-                                        ipaddress.IPv4Address("198.51.100.10"))) is None
+    assert r.answer(frames.garp_frame(bytes.fromhex("020000000009"),
+                                      ipaddress.IPv4Address("198.51.100.10"))) is None
     assert r.answer(bytes(Ether(src=ROUTER_MAC) / ARP(op=2, hwsrc=ROUTER_MAC, psrc="198.51.100.1",
                                                       pdst="198.51.100.10"))) is None
     assert r.answered == {"arp": 1, "ns": 0}
@@ -217,35 +219,35 @@ def test_config_cap_in_per_vip_mode() -> None:
 
 def test_check_interface_ok() -> None:
     cfg = _cfg(vips=["192.0.2.128/25", "2001:db8:1::10"])
-    announce.check_interface(cfg, facts=_facts(["192.0.2.11/24", "2001:db8:1::11/64", "fe80::1/64"]))
+    link.check_interface(cfg, facts=_facts(["192.0.2.11/24", "2001:db8:1::11/64", "fe80::1/64"]))
     cfg = _cfg(vips=["198.51.100.10"])
-    announce.check_interface(cfg, facts=_facts(["192.0.2.11/24"], routes=["198.51.100.0/24"]))
+    link.check_interface(cfg, facts=_facts(["192.0.2.11/24"], routes=["198.51.100.0/24"]))
 
 
 def test_check_interface_vip_not_on_subnet() -> None:
     cfg = _cfg(vips=["198.51.100.10"])
     with pytest.raises(ConfigError) as exc:
-        announce.check_interface(cfg, facts=_facts(["192.0.2.11/24", "fe80::1/64"]))
+        link.check_interface(cfg, facts=_facts(["192.0.2.11/24", "fe80::1/64"]))
     msg = str(exc.value)
     assert msg.startswith("a.toml: announce.vips[0]: 198.51.100.10/32 is not on eth0's subnets (192.0.2.0/24)")
     cfg = _cfg(vips=["2001:db8:2::/120"])
     with pytest.raises(ConfigError, match="not on eth0"):
-        announce.check_interface(cfg, facts=_facts(["192.0.2.11/24", "2001:db8:1::11/64", "fe80::1/64"]))
+        link.check_interface(cfg, facts=_facts(["192.0.2.11/24", "2001:db8:1::11/64", "fe80::1/64"]))
 
 
 def test_check_interface_vip_is_own_address() -> None:
     cfg = _cfg(vips=["192.0.2.128/25"])
     with pytest.raises(ConfigError, match=r"announce.vips\[0\]: .*own address 192.0.2.200 on eth0"):
-        announce.check_interface(cfg, facts=_facts(["192.0.2.11/24", "192.0.2.200/24"]))
+        link.check_interface(cfg, facts=_facts(["192.0.2.11/24", "192.0.2.200/24"]))
 
 
 def test_check_interface_next_hop_taken() -> None:
     cfg = _cfg(mode="next-hop", next_hop="192.0.2.100/24")
     facts = _facts(["192.0.2.11/24", "192.0.2.100/24"])
-    with pytest.raises(ConfigError, match="announce.next_hop: 192.0.2.100 is already an address"):
-        announce.check_interface(cfg, facts=facts)
+    with pytest.raises(ConfigError, match=re.escape("announce.next_hop: 192.0.2.100 is already an address")):
+        link.check_interface(cfg, facts=facts)
     facts["addresses"][1]["proto"] = cfg.delivery.protocol  # ours (daemon restart): adopted
-    announce.check_interface(cfg, facts=facts)
+    link.check_interface(cfg, facts=facts)
 
 
 def test_responder_accepts_both_forms_of_a_zero_checksum() -> None:
@@ -256,12 +258,12 @@ def test_responder_accepts_both_forms_of_a_zero_checksum() -> None:
     icmp = probe[54:]
     pseudo = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + \
         struct.pack("!I3xB", len(icmp), 58)
-    folded = announce._fold(announce._ones_sum(pseudo) + announce._ones_sum(icmp))
+    folded = frames._fold(frames._ones_sum(pseudo) + frames._ones_sum(icmp))
     last = (~folded) & 0xFFFF  # makes the sum all ones with a zero checksum field
     target = ipaddress.IPv6Address(int(ipaddress.IPv6Address("2001:db8::")) + last)
-    assert announce.icmpv6_checksum(ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst),
-                                    icmp[:24 - 16] + target.packed) == 0xFFFF  # i.e. computed 0
-    r = announce.NeighbourResponder("eth0", 1, MAC, LL, [], [target], None, _Log())
+    assert frames.icmpv6_checksum(ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst),
+                                  icmp[:24 - 16] + target.packed) == 0xFFFF  # i.e. computed 0
+    r = responder.NeighbourResponder("eth0", 1, MAC, LL, [], [target], None, _Log())
     for cksum in (0x0000, 0xFFFF):
         frame = bytes(Ether(src=ROUTER_MAC) / IPv6(src=src, dst=dst, hlim=255)
                       / ICMPv6ND_NS(tgt=str(target), cksum=cksum))

@@ -1,0 +1,283 @@
+"""The Announcer: tells the routers which MAC now serves the VIPs, in paced bursts.
+
+Two modes (``[announce] mode``):
+
+* **per-VIP**: for every IPv4 VIP address a gratuitous ARP (request and/or reply
+  form), for every IPv6 VIP address an unsolicited neighbour advertisement
+  (Override set) to all-nodes; sent from the interface MAC as an immediate burst at
+  takeover, ``repeats`` repeats ``repeat_interval_ms`` apart, then an optional
+  periodic refresh, paced at ``rate_pps``. While master it also answers ARP/NS for the
+  VIPs the kernel does not answer (responder.py).
+* **next-hop**: the same for the single floating next-hop address (see
+  dataplane/nexthop.py).
+
+Frames are built (frames.py) once in :meth:`Announcer.open`; sending runs as an
+asyncio task that never holds the loop for more than about half a millisecond at a
+time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from typing import Any
+
+from ..config import Config
+from .frames import IPv6, NaBuilder, build_per_vip_frames, expand_vips, garp_frame, mac_bytes, unsolicited_na_frame
+from .link import packet_socket, read_interface
+from .responder import NeighbourResponder, delivered_by_destination
+
+#: longest time one send slice may hold the event loop (seconds)
+SLICE_S = 0.0005
+#: most frames per slice (also bounds the syscalls between two yields)
+SLICE_FRAMES = 256
+#: frames sent in line by ``start()``, before it returns: the router hears of a takeover
+#: before anything else the daemon does then (the rest follows in the burst task)
+LEAD_FRAMES = 8
+
+
+class Announcer:
+    """Sends the takeover announcements for one director (see module doc).
+
+    ``log`` is a structlog-style logger (``log.info(event, **fields)``). ``netns``
+    (tests, tools) opens the sockets inside that named network namespace.
+    """
+
+    def __init__(self, cfg: Config, log: Any, *, netns: str | None = None):
+        self.cfg = cfg
+        self.log = log
+        self.netns = netns
+        self.mode = cfg.announce.mode
+        self.first_sent_at: float | None = None
+        self.last_burst_done_at: float | None = None
+        self.sent = {"garp": 0, "na": 0, "next_hop": 0}
+        self.bursts = 0
+        self.max_slice_s = 0.0  # longest wall time one send slice held the event loop
+        self.max_slice_cpu_s = 0.0  # most CPU time one send slice used (not counting preemption)
+        self._segments: list[tuple[str, list[bytes]]] = []
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._responder: NeighbourResponder | None = None
+        self._active = False
+        self._n_vips = 0
+        self.mac: bytes | None = None
+        self.ll_src: IPv6 | None = None
+
+    # -- set-up -------------------------------------------------------------
+
+    async def open(self) -> None:
+        cfg = self.cfg
+        ann = cfg.announce
+        if self.mode == "none":
+            return
+        # pyroute2's synchronous API runs its own event loop: keep it off ours
+        facts = await asyncio.to_thread(read_interface, cfg.node.interface, self.netns)
+        self.mac = mac_bytes(facts["mac"])
+        self.ll_src = facts["link_local"]
+        if self.ll_src is None:
+            globals6 = [a["interface"].ip for a in facts["addresses"] if a["interface"].version == 6]
+            self.ll_src = globals6[0] if globals6 else None
+        if self.mode == "per-vip":
+            v4, v6 = expand_vips(ann.vips)
+            self._n_vips = len(v4) + len(v6)
+            if v6 and self.ll_src is None:
+                self.log.error("announce.no_ipv6_source", interface=cfg.node.interface,
+                               detail="no IPv6 address on the interface: IPv6 VIPs are not announced")
+            arp: list[bytes] = []
+            na: list[bytes] = []
+            forms = ann.garp_forms
+            # build in slices, yielding, so a 65,536-VIP open does not stall the loop
+            step = 2048
+            for i in range(0, len(v4), step):
+                arp += build_per_vip_frames(self.mac, None, v4[i:i + step], [], forms)[0]
+                await asyncio.sleep(0)
+            if self.ll_src is not None:
+                build = NaBuilder(self.mac, self.ll_src).build
+                for i in range(0, len(v6), step):
+                    na += [build(ip) for ip in v6[i:i + step]]
+                    await asyncio.sleep(0)
+            self._segments = [("garp", arp), ("na", na)]
+            answer_v4 = [a for net in ann.vips if net.version == 4 and not delivered_by_destination(cfg, net)
+                         for a in (net if net.num_addresses > 1 else (net.network_address,))]
+            if v6 or answer_v4:
+                self._responder = NeighbourResponder(cfg.node.interface, facts["index"], self.mac, self.ll_src,
+                                                     answer_v4, v6, self.netns, self.log)
+                self._responder.open()
+        elif self.mode == "next-hop":
+            nh = ann.next_hop
+            assert nh is not None
+            self._n_vips = 1
+            if nh.version == 4:
+                frames = [garp_frame(self.mac, nh.ip, form) for form in ann.garp_forms]
+            elif self.ll_src is not None:
+                frames = [unsolicited_na_frame(self.mac, self.ll_src, nh.ip)]
+            else:
+                frames = []
+            self._segments = [("next_hop", frames)]
+        self._sock = packet_socket(cfg.node.interface, 0, self.netns)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        except OSError:  # pragma: no cover
+            pass
+        self.log.info("announce.opened", mode=self.mode, interface=cfg.node.interface, vips=self._n_vips,
+                      frames=sum(len(f) for _, f in self._segments),
+                      mac=":".join(f"{b:02x}" for b in self.mac))
+
+    # -- control --------------------------------------------------------------
+
+    def start(self, reason: str) -> None:
+        """Takeover (or re-assert): announce now, repeat, then refresh; answer NS/ARP."""
+        if self.mode == "none":
+            return
+        if self._sock is None:
+            raise RuntimeError("Announcer.start() before open()")
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._active = True
+        self.first_sent_at = None
+        lead = self._lead()  # first: the router hears it before anything else is done
+        if self._responder is not None:
+            self._responder.enable()
+        self._task = asyncio.get_running_loop().create_task(self._run(reason, lead), name="announce")
+
+    def _lead(self) -> dict[str, int]:
+        """Send the burst's first frames now (within the rate's first allowance).
+        Returns how many of each segment went out; the burst goes on from there."""
+        sock = self._sock
+        assert sock is not None
+        budget = min(LEAD_FRAMES, max(1, int(float(self.cfg.announce.rate_pps) * SLICE_S) or 1))
+        done: dict[str, int] = {}
+        for key, frames in self._segments:
+            k = 0
+            while k < len(frames) and budget > 0:
+                try:
+                    sock.send(frames[k])
+                except OSError:
+                    return done | {key: k}  # buffer full or link down: the burst deals with it
+                if self.first_sent_at is None:
+                    self.first_sent_at = time.monotonic()
+                self.sent[key] += 1
+                k += 1
+                budget -= 1
+            done[key] = k
+        return done
+
+    def stop(self) -> None:
+        """Step-down: no further frame leaves, no NS/ARP is answered."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = None
+        if self._responder is not None:
+            self._responder.disable()
+        if self._active:
+            self.log.info("announce.stopped", sent=dict(self.sent))
+        self._active = False
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "announcing": self._active,
+            "burst_running": self._task is not None and not self._task.done(),
+            "announcements_sent": dict(self.sent),
+            "vips": self._n_vips,
+            "bursts": self.bursts,
+        }
+        if self._responder is not None:
+            out["answered"] = dict(self._responder.answered)
+        return out
+
+    async def close(self) -> None:
+        task = self._task
+        self.stop()
+        if task is not None:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # -- sending --------------------------------------------------------------
+
+    async def _run(self, reason: str, lead: dict[str, int] | None = None) -> None:
+        ann = self.cfg.announce
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            self.log.info("announce.burst", reason=reason, round=0, lead_frames=sum((lead or {}).values()))
+            await self._burst(lead or {})
+            for k in range(1, ann.repeats + 1):
+                delay = t0 + k * ann.repeat_interval_ms / 1000 - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self._burst()
+            if ann.refresh_interval_s > 0:
+                while True:
+                    await asyncio.sleep(ann.refresh_interval_s)
+                    await self._burst()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never kill the daemon over an announcement
+            self.log.error("announce.failed", error=repr(exc))
+
+    async def _burst(self, skip: dict[str, int] | None = None) -> None:
+        """One pass over all frames, at most rate_pps, yielding every SLICE_S.
+        ``skip``: frames of each segment already sent (by ``_lead``) just before."""
+        sock = self._sock
+        assert sock is not None
+        skip = skip or {}
+        rate = float(self.cfg.announce.rate_pps)
+        allowance = max(1, min(SLICE_FRAMES, int(rate * SLICE_S) or 1))
+        start = time.monotonic()
+        sent = sum(skip.values())
+        for key, frames in self._segments:
+            i = skip.get(key, 0)
+            n = len(frames)
+            while i < n:
+                now = time.monotonic()
+                allowed = int((now - start) * rate) + allowance - sent
+                if allowed <= 0:
+                    await asyncio.sleep((sent + 1 - allowance) / rate - (now - start))
+                    continue
+                limit = min(n, i + allowed, i + SLICE_FRAMES)
+                slice_end = now + SLICE_S
+                cpu0 = time.thread_time()
+                full = False
+                while i < limit:
+                    try:
+                        sock.send(frames[i])
+                    except (BlockingIOError, InterruptedError):
+                        full = True  # socket buffer full: let the NIC drain, retry this frame
+                        break
+                    except OSError as exc:
+                        if exc.errno == errno.ENOBUFS:
+                            full = True
+                            break
+                        self.log.warning("announce.send_failed", error=exc.strerror, errno=exc.errno,
+                                         interface=self.cfg.node.interface)
+                        return  # link down or gone: this round is lost, the next may succeed
+                    if self.first_sent_at is None:
+                        self.first_sent_at = time.monotonic()
+                    i += 1
+                    sent += 1
+                    self.sent[key] += 1
+                    if time.monotonic() >= slice_end:
+                        break
+                held = time.monotonic() - now
+                cpu = time.thread_time() - cpu0
+                if held > self.max_slice_s:
+                    self.max_slice_s = held
+                if cpu > self.max_slice_cpu_s:
+                    self.max_slice_cpu_s = cpu
+                if full:
+                    await asyncio.sleep(0.001)
+                else:
+                    await asyncio.sleep(0)
+        self.bursts += 1
+        self.last_burst_done_at = time.monotonic()
