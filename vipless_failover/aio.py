@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Iterable, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -27,3 +28,16 @@ async def within(aw: Awaitable[T], timeout: float) -> T:
     task being shut down runs on. Raises TimeoutError (= asyncio.TimeoutError)."""
     async with asyncio.timeout(timeout):
         return await aw
+
+
+def blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run a short blocking pyroute2 call. pyroute2 0.9's synchronous IPRoute drives
+    its own event loop, which cannot run in a thread whose loop is running: there
+    the call goes to a worker thread (and this thread waits for it: milliseconds)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink") as pool:
+        return pool.submit(fn, *args).result()

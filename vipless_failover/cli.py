@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .control import Refused, Unreachable, request
+from . import config as config_mod, keygen
+from .control import Refused, Unreachable, UsageError, check_timeout, request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONFIG = "/etc/vipless-failover/vipless-failover.toml"
@@ -39,24 +39,48 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("promote", "make this node master now (lossless hand-over)"),
                        ("demote", "hand mastership to the best live backup")):
         sp = sub.add_parser(name, parents=[common], help=text)
-        sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+        sp.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                         help="give up waiting after this long (default 10)")
     mp = sub.add_parser("maintenance", parents=[common], help="stay backup (a master hands over first)")
     mp.add_argument("mode", choices=("on", "off"))
-    mp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    mp.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS")
     sub.add_parser("reload", parents=[common], help="re-read the config and apply the difference (like SIGHUP)")
     sub.add_parser("announce", parents=[common], help="send the announcement burst again now (master only)")
     sub.add_parser("restart", parents=[common], help="restart the daemon in place without failover")
+    kp = sub.add_parser("keygen", help="write a new cluster key file (needs no config and no daemon)",
+                        description="Write 32 random bytes as 64 hex characters to FILE, mode 0600, "
+                                    "then copy the same file to every director.")
+    kp.add_argument("file", nargs="?", default=keygen.DEFAULT_KEY_FILE, metavar="FILE",
+                    help=f"key file to create (default {keygen.DEFAULT_KEY_FILE})")
+    kp.add_argument("--force", action="store_true", help="replace an existing file (atomically)")
     return p
 
 
 def socket_path(args: argparse.Namespace) -> Path:
+    """-s, else the config's [control] socket. A config that does not validate (the
+    daemon is still running the last good one) still names its socket when its TOML
+    can be read; otherwise the default socket is used. Either way with a warning."""
     if args.socket:
         return Path(args.socket)
     cfg_path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
     if cfg_path is None:
         return Path(DEFAULT_SOCKET)
-    return config_mod.load(cfg_path).control.socket
+    try:
+        return config_mod.load(cfg_path).control.socket
+    except config_mod.ConfigError as exc:
+        hint = config_mod.control_socket_hint(cfg_path)
+        path = hint or Path(DEFAULT_SOCKET)
+        print(f"failoverctl: warning: {exc}; using {'its [control] socket' if hint else 'the default socket'} "
+              f"{path}", file=sys.stderr)
+        return path
+
+
+def _seconds(text: str) -> float:
+    try:
+        return check_timeout(float(text))
+    except ValueError as exc:  # UsageError too
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("timeout: ") if isinstance(exc, UsageError)
+                                         else f"not a number of seconds: {text!r}") from None
 
 
 def _ago(at: float | None) -> str:
@@ -96,6 +120,25 @@ def format_status(st: dict[str, Any]) -> str:
     adv = st.get("adverts") or {}
     rej = ", ".join(f"{k} {v}" for k, v in (adv.get("rejected") or {}).items()) or "none"
     rows.append(("adverts", f"sent {adv.get('sent', 0)}, received {adv.get('received', 0)}, rejected: {rej}"))
+    keys = st.get("keys")
+    if keys:
+        text = f"signing {keys['signing']}"
+        if keys.get("accepted"):
+            text += f", also accepting {', '.join(keys['accepted'])}"
+        behind = [f"{node} ({how.split(':', 1)[1]})" for node, how in (keys.get("peers") or {}).items()
+                  if how != "signing"]
+        if behind:
+            text += f"; peers still signing with an accepted key: {', '.join(behind)}"
+        window = keys.get("replay_window_ms")
+        text += f"; replay window {window / 1000:g} s" if window else "; replay window off"
+        rows.append(("keys", text))
+    sch = st.get("scheduling")
+    if sch:
+        text = sch["policy"] + (f" {sch['priority']}" if sch.get("realtime") else "")
+        if sch.get("at_risk"):
+            text += (f" (not real-time: adverts shorter than {sch['advised_below_ms']} ms need it, or a busy CPU "
+                     f"can cause false failovers; see docs/operations.md)")
+        rows.append(("scheduling", text))
     width = max(len(k) for k, _ in rows)
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     peers = st.get("peers") or []
@@ -127,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
+    if args.command == "keygen":
+        return keygen.main(args.file, force=args.force)
     try:
         path = socket_path(args)
     except config_mod.ConfigError as exc:
@@ -158,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not resp.get("ok"):
         if not args.json:
             print(f"failoverctl: {args.command}: {resp.get('error')}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if resp.get("usage") else EXIT_FAILED
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ Loading never touches the system (the key file is only read and checked).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import ipaddress
 import json
@@ -14,9 +15,10 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,6 +35,14 @@ MAX_ANNOUNCED_VIPS = 65_536
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos")
 FORWARD_METHODS = ("nat", "tun", "dr")
 SERVICE_FLAGS = ("persistent", "hashed", "onepacket", "sh-fallback", "sh-port", "mh-fallback", "mh-port")
+#: what is read of the config and key files at most (a config listing 65,536 VIPs one
+#: address a line is ~1.6 MB; prefixes are shorter); bigger files are refused unread
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_KEY_BYTES = 4096
+#: keys accepted besides election.key_file during a rotation, at most
+MAX_ACCEPT_KEY_FILES = 3
+#: the smallest replay window: below it, clocks kept by NTP on a LAN drift out of it
+MIN_CLOCK_SKEW_MS = 100
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 
@@ -46,7 +56,7 @@ class ConfigError(Exception):
         self.file = str(file) if file is not None else None
         super().__init__(str(self))
 
-    def with_file(self, file: str | os.PathLike[str]) -> "ConfigError":
+    def with_file(self, file: str | os.PathLike[str]) -> ConfigError:
         return ConfigError(self.key, self.message, file)
 
     def __str__(self) -> str:
@@ -81,6 +91,15 @@ class ElectionConfig:
     drain_margin_ms: int
     drain_max_ms: int
     restart_hold_ms: int
+    #: keys still accepted (never used to sign) while a new key_file is rolled out
+    accept_key_files: tuple[Path, ...] = ()
+    #: adverts whose counter (the sender's clock) is further than this from ours are
+    #: refused (replay window; 0 = off)
+    max_clock_skew_ms: int = 5000
+
+    def without_keys(self) -> ElectionConfig:
+        """This election config less what a reload may change (the keys, the window)."""
+        return replace(self, key_file=Path(), accept_key_files=(), max_clock_skew_ms=0)
 
 
 @dataclass(frozen=True)
@@ -259,10 +278,10 @@ class _Table:
             raise ConfigError(self.key(name), "is required")
         return default
 
-    def table(self, name: str, required: bool = False) -> "_Table":
+    def table(self, name: str, required: bool = False) -> _Table:
         return _Table(self._take(name, {}, required), self.key(name))
 
-    def tables(self, name: str) -> list["_Table"]:
+    def tables(self, name: str) -> list[_Table]:
         value = self._take(name, [], False)
         if not isinstance(value, list):
             raise ConfigError(self.key(name), f"must be an array of tables, got {_typename(value)}")
@@ -279,26 +298,27 @@ class _Table:
             raise ConfigError(self.key(name), f"invalid value {value!r}")
         return value
 
-    def int(self, name: str, default: int | None = None, lo: int | None = None, hi: int | None = None,
+    # below, str (and then int, bool, list) name the methods above: annotations say builtins.
+    def int(self, name: builtins.str, default: int | None = None, lo: int | None = None, hi: int | None = None,
             required: bool = False) -> int:
         value = self._take(name, default, required or default is None)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(self.key(name), f"must be an integer, got {_typename(value)}")
         return _check_range(self.key(name), value, lo, hi)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._take(name, default, False)
         if not isinstance(value, bool):
             raise ConfigError(self.key(name), f"must be true or false, got {_typename(value)}")
         return value
 
-    def list(self, name: str, default: list[Any] | None = None) -> list[Any]:
+    def list(self, name: builtins.str, default: builtins.list[Any] | None = None) -> builtins.list[Any]:
         value = self._take(name, default if default is not None else [], False)
         if not isinstance(value, list):
             raise ConfigError(self.key(name), f"must be an array, got {_typename(value)}")
         return value
 
-    def has(self, name: str) -> bool:
+    def has(self, name: builtins.str) -> builtins.bool:
         return name in self.data
 
     def done(self) -> None:
@@ -340,6 +360,12 @@ def _network(key: str, value: Any) -> IPNetwork:
         return ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
         raise ConfigError(key, f"invalid prefix {value!r} ({exc})") from None
+
+
+def _item_str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, got {_typename(value)}")
+    return value
 
 
 def _items(key: str, values: list[Any], parse: Callable[[str, Any], Any]) -> tuple[Any, ...]:
@@ -392,7 +418,8 @@ def _election(t: _Table, node: NodeConfig) -> ElectionConfig:
     peers = _items(t.key("peers"), t.list("peers"), _address)
     for i, peer in enumerate(peers):
         if peer.version != node.address.version:
-            raise ConfigError(f"{t.key('peers')}[{i}]", f"must be IPv{node.address.version} like node.address, got {peer}")
+            raise ConfigError(f"{t.key('peers')}[{i}]",
+                              f"must be IPv{node.address.version} like node.address, got {peer}")
         if peer == node.address:
             raise ConfigError(f"{t.key('peers')}[{i}]", f"is this node's own address {peer}")
     if transport == "unicast" and not peers:
@@ -402,12 +429,25 @@ def _election(t: _Table, node: NodeConfig) -> ElectionConfig:
     if drain_max < drain_margin:
         raise ConfigError(t.key("drain_max_ms"), f"must be >= drain_margin_ms ({drain_margin}), got {drain_max}")
     restart_hold = t.int("restart_hold_ms", default=10_000, lo=0, hi=600_000)
+    accept = tuple(Path(_item_str(f"{t.key('accept_key_files')}[{i}]", v))
+                   for i, v in enumerate(t.list("accept_key_files")))
+    if len(accept) > MAX_ACCEPT_KEY_FILES:
+        raise ConfigError(t.key("accept_key_files"), f"at most {MAX_ACCEPT_KEY_FILES} files, got {len(accept)}")
+    for i, path in enumerate(accept):
+        if path == key_file:
+            raise ConfigError(f"{t.key('accept_key_files')}[{i}]", f"is election.key_file itself ({path})")
+        if path in accept[:i]:
+            raise ConfigError(f"{t.key('accept_key_files')}[{i}]", f"duplicate of "
+                              f"{t.key('accept_key_files')}[{accept.index(path)}] ({path})")
+    skew = t.int("max_clock_skew_ms", default=5000, lo=0, hi=3_600_000)
+    if 0 < skew < MIN_CLOCK_SKEW_MS:
+        raise ConfigError(t.key("max_clock_skew_ms"), f"must be 0 (off) or at least {MIN_CLOCK_SKEW_MS}, got {skew}")
     t.done()
     return ElectionConfig(
         cluster_id=cluster_id, priority=priority, advert_interval_ms=interval, preempt=preempt,
         preempt_delay_ms=preempt_delay, key_file=key_file, transport=transport, group=group,
         port=port, peers=peers, drain_margin_ms=drain_margin, drain_max_ms=drain_max,
-        restart_hold_ms=restart_hold,
+        restart_hold_ms=restart_hold, accept_key_files=accept, max_clock_skew_ms=skew,
     )
 
 
@@ -628,6 +668,94 @@ def _track(t: _Table, node: NodeConfig) -> TrackConfig:
     return TrackConfig(checks=tuple(checks), interfaces=tuple(interfaces))
 
 
+# ---------------------------------------------------------------------------
+# overlaps between entries (checked once every section is read)
+#
+# Prefixes either nest or are disjoint. Which overlaps are refused:
+# * announce.vips: any (redundant: announcements are de-duplicated, but the per-VIP
+#   cap counts the overlap twice, and a VIP listed twice is usually a typo for another);
+# * delivery.rules: a rule whose `to` lies inside another's whose other selectors
+#   (fwmark/mask, iif) are absent or the same: every rule leads to the same table, so
+#   the narrower one is redundant. Overlapping rules that select different traffic
+#   (another iif, another fwmark) are allowed;
+# * marks: destinations of two groups that overlap for a common protocol and port:
+#   such packets would get one fwmark or the other depending on the order of the
+#   nft rules (ambiguous). Overlaps on disjoint ports or protocols are allowed (one
+#   VIP, port 80 -> mark 1, port 443 -> mark 2). Within one group the destinations
+#   are one set, collapsed into one nft rule: overlaps there are merged, not refused.
+
+
+def nested_pairs(entries: Iterable[tuple[IPNetwork, Any]]) -> Iterator[tuple[Any, Any]]:
+    """``(outer tag, inner tag)`` for every two entries whose prefixes overlap: the
+    outer contains the inner (of equal prefixes the earlier one is outer).
+
+    One sort and a stack of the prefixes that contain the current one (a nested
+    chain), so n entries cost O(n log n) plus the pairs found."""
+    spans = []  # (version, first, last, position, tag): the address ranges as integers
+    for pos, (net, tag) in enumerate(entries):
+        first = int(net.network_address)
+        spans.append((net.version, first, first + (1 << (net.max_prefixlen - net.prefixlen)) - 1, pos, tag))
+    spans.sort(key=lambda s: (s[0], s[1], -s[2], s[3]))  # by start; of equal starts the wider first
+    stack: list[tuple[int, int, Any]] = []  # (version, last, tag)
+    for version, first, last, _, tag in spans:
+        while stack and (stack[-1][0] != version or stack[-1][1] < first):
+            stack.pop()
+        for outer in stack:
+            yield outer[2], tag
+        stack.append((version, last, tag))
+
+
+def _later_first(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The entry later in the file (reported as the key) and the earlier one."""
+    return (a, b) if a > b else (b, a)
+
+
+def check_overlaps(delivery: DeliveryConfig, marks: tuple[MarkGroup, ...], announce: AnnounceConfig) -> None:
+    """Refuse overlapping VIPs, redundant delivery rules and ambiguous mark groups
+    (see above), naming the key paths of both entries."""
+    vips = announce.vips
+    for outer, inner in nested_pairs((v, (i,)) for i, v in enumerate(vips)):
+        (j,), (i,) = _later_first(outer, inner)
+        raise ConfigError(f"announce.vips[{j}]", f"{vips[j]} overlaps announce.vips[{i}] {vips[i]} "
+                                                 "(list each VIP once)")
+
+    rules = delivery.rules
+
+    def covers(o: DeliveryRule, n: DeliveryRule) -> bool:
+        return (o.iif is None or o.iif == n.iif) and (o.fwmark is None or (o.fwmark, o.mask) == (n.fwmark, n.mask))
+
+    for outer, inner in nested_pairs((r.to, (i,)) for i, r in enumerate(rules) if r.to is not None):
+        o, n = rules[outer[0]], rules[inner[0]]
+        redundant = inner[0] if covers(o, n) else outer[0] if o.to == n.to and covers(n, o) else None
+        if redundant is None:
+            continue
+        (j,), (i,) = _later_first(outer, inner)
+        raise ConfigError(f"delivery.rules[{j}].to", f"{rules[j].to} overlaps delivery.rules[{i}].to {rules[i].to}: "
+                                                     f"delivery.rules[{redundant}] adds nothing (every rule "
+                                                     f"leads to table {delivery.table})")
+
+    dests = ((d, (g, k)) for g, group in enumerate(marks) for k, d in enumerate(group.destinations))
+    for outer, inner in nested_pairs(dests):
+        (g2, k2), (g1, k1) = _later_first(outer, inner)
+        if g1 == g2:
+            continue
+        a, b = marks[g1], marks[g2]
+        protocols = sorted(set(a.protocols) & set(b.protocols))
+        if not protocols:
+            continue
+        if a.ports and b.ports:
+            ports = sorted(set(a.ports) & set(b.ports))
+            if not ports:
+                continue
+        else:
+            ports = sorted(set(a.ports or b.ports))  # no ports: every port
+        where = f"port{'s' if len(ports) > 1 else ''} {', '.join(map(str, ports))}" if ports else "any port"
+        raise ConfigError(f"marks[{g2}].destinations[{k2}]",
+                          f"{b.destinations[k2]} overlaps marks[{g1}].destinations[{k1}] {a.destinations[k1]}: "
+                          f"{'/'.join(protocols)} {where} would get fwmark {a.fwmark} ({a.name}) or "
+                          f"{b.fwmark} ({b.name}) depending on rule order")
+
+
 def parse(data: dict[str, Any], path: Path | str = "<config>") -> Config:
     """Validate a decoded TOML document. Raises ConfigError (with file name)."""
     path = Path(path)
@@ -645,6 +773,7 @@ def parse(data: dict[str, Any], path: Path | str = "<config>") -> Config:
         notify = _notify(top.table("notify"))
         track = _track(top.table("track"), node)
         top.done()
+        check_overlaps(delivery, marks, announce)
     except ConfigError as exc:
         raise exc.with_file(path) from None
     return Config(path=path, node=node, election=election, control=control, metrics=metrics,
@@ -653,12 +782,15 @@ def parse(data: dict[str, Any], path: Path | str = "<config>") -> Config:
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file (does not read the key)."""
+    """Read and validate a config file (does not read the key). The file must be a
+    regular file of at most MAX_CONFIG_BYTES (see :func:`read_regular_file`)."""
     p = Path(path)
     try:
-        text = p.read_bytes()
+        text = read_regular_file(p, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError("", "no such file", p) from None
+    except FileRefused as exc:
+        raise ConfigError("", str(exc), p) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read: {exc.strerror}", p) from None
     try:
@@ -670,35 +802,95 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(data, p)
 
 
+def control_socket_hint(path: str | os.PathLike[str]) -> Path | None:
+    """``[control] socket`` of a config that may not validate (for failoverctl): taken
+    from the raw TOML; None when the file cannot be read or parsed or names none."""
+    try:
+        data = tomllib.loads(read_regular_file(Path(path), MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, FileRefused, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    control = data.get("control")
+    sock = control.get("socket") if isinstance(control, dict) else None
+    if isinstance(sock, str) and os.path.isabs(sock):
+        return Path(sock)
+    return None
+
+
 MIN_KEY_BYTES = 16
 
 
 def read_key(config: Config) -> bytes:
-    """Read the HMAC key. The file must exist, must not be world-readable or
-    world-writable, and must hold at least 16 bytes (surrounding whitespace stripped)."""
-    path = config.election.key_file
-    key = "election.key_file"
+    """Read the HMAC key. The file must be a regular file (at most MAX_KEY_BYTES), must
+    not be world-readable or world-writable, and must hold at least 16 bytes
+    (surrounding whitespace stripped). The mode is checked on the file opened."""
+    return _read_key_file(config, config.election.key_file, "election.key_file")
+
+
+def read_keys(config: Config) -> tuple[bytes, ...]:
+    """The signing key (election.key_file), then each key of election.accept_key_files,
+    every file checked as :func:`read_key` checks it."""
+    accepted = tuple(_read_key_file(config, path, f"election.accept_key_files[{i}]")
+                     for i, path in enumerate(config.election.accept_key_files))
+    return (read_key(config), *accepted)
+
+
+def _read_key_file(config: Config, path: Path, key: str) -> bytes:
     if not path.is_absolute():
         path = (config.path.parent / path)
+
+    def check_mode(st: os.stat_result) -> None:
+        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+            raise FileRefused(f"must not be accessible by others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod 0600 it)")
+
     try:
-        st = os.stat(path)
+        data = read_regular_file(path, MAX_KEY_BYTES, check=check_mode).strip()
     except FileNotFoundError:
         raise ConfigError(key, f"{path}: no such file", config.path) from None
-    except OSError as exc:
-        raise ConfigError(key, f"{path}: {exc.strerror}", config.path) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(key, f"{path}: not a regular file", config.path)
-    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(key, f"{path}: must not be accessible by others "
-                               f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod 0600 it)", config.path)
-    try:
-        data = path.read_bytes().strip()
+    except FileRefused as exc:
+        raise ConfigError(key, f"{path}: {exc}", config.path) from None
     except OSError as exc:
         raise ConfigError(key, f"{path}: {exc.strerror}", config.path) from None
     if len(data) < MIN_KEY_BYTES:
         raise ConfigError(key, f"{path}: key must be at least {MIN_KEY_BYTES} bytes, got {len(data)}",
                           config.path)
     return data
+
+
+class FileRefused(Exception):
+    """A file that is not read: not a regular file, too large, or (a caller's check)
+    with the wrong mode."""
+
+
+def read_regular_file(path: Path, limit: int,
+                      check: Callable[[os.stat_result], None] | None = None) -> bytes:
+    """The contents of a regular file of at most ``limit`` bytes.
+
+    Opened non-blocking and checked with fstat before anything is read, so a FIFO,
+    a device or a directory put in its place is refused at once (FileRefused) instead
+    of blocking the reader; ``check`` may refuse the opened file by its stat too.
+    Raises OSError (FileNotFoundError, ...) as open and read do."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused("not a regular file")
+        if st.st_size > limit:
+            raise FileRefused(f"is {st.st_size} bytes, more than the {limit} read at most")
+        if check is not None:
+            check(st)
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # it grew after fstat
+                raise FileRefused(f"is more than the {limit} bytes read at most")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -21,26 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, config as config_mod
+from . import __version__, config as config_mod, sched
 from .aio import within
 from .announce import Announcer, check_interface
 from .control import ControlError, ControlServer, Peer
 from .dataplane.ipvs import missing_schedulers
+from .dataplane.nexthop import NextHopAddress
 from .dataplane.reconcile import Dataplane
 from .election import fsm
 from .election.protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
 from .election.transport import AdvertTransport
+from .election.trust import KeyRing, PeerTrouble
 from .hooks import NotifyHooks
 from .log import setup as setup_logging
 from .metrics import MetricsServer, build_registry
-from .nexthop import NextHopAddress
 from .systemd import Notifier, role_status
 from .tracking import Tracker
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 RESUME_FILE = "resume-{node}.json"
-MAX_ARRIVAL_LATE_S = 0.05  # a receive time older than this (a clock step?) is not used
 PRECISE_LEAD_S = 0.002  # the master-down timer wakes this early, then spins to the exact time
 
 
@@ -49,19 +49,22 @@ class Input:
     kind: str  # "advert" | "timer" | "command"
     payload: Any = None
     src: Any = None
-    at: float | None = None  # loop time it arrived (adverts: the kernel's receive time)
+    at: float | None = None  # adverts: loop time it reached the kernel (however long ago)
 
 
 class Daemon:
-    def __init__(self, cfg: config_mod.Config, key: bytes, log: Any, netns: str | None = None):
+    def __init__(self, cfg: config_mod.Config, keys: bytes | tuple[bytes, ...], log: Any,
+                 netns: str | None = None):
         self.cfg = cfg
-        self.key = key
+        self.keys = KeyRing((keys,) if isinstance(keys, bytes) else tuple(keys))
         self.log = log.bind(node=cfg.node.name)
         self.netns = netns
         self.loop: asyncio.AbstractEventLoop | None = None
         self.digest = cfg.shared_digest()[:16]
         self.election = fsm.Election(fsm.Params.from_config(cfg, self.digest))
-        self.decoder = AdvertDecoder(key, cfg.election.cluster_id)
+        self.decoder = AdvertDecoder(self.keys.keys, cfg.election.cluster_id,
+                                     max_skew_us=cfg.election.max_clock_skew_ms * 1000)
+        self.trouble = PeerTrouble(cfg.election.peers)
         self.runtime_dir = cfg.control.socket.parent
         # the IPVS ownership record lives beside the control socket: one per daemon
         self.dataplane = Dataplane(cfg, self.log, ipvs_owned_path=self.runtime_dir / "ipvs-owned.json")
@@ -97,12 +100,17 @@ class Daemon:
             on_scrape=self._poll_telemetry)
         self.metrics_server: MetricsServer | None = None
         self.notifier = Notifier.from_env()
+        self._reload_lock = asyncio.Lock()
 
     # -- time -----------------------------------------------------------------
 
     def now(self) -> float:
-        assert self.loop is not None
-        return self.loop.time()
+        return self._loop.time()
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        assert self.loop is not None, "the loop is set by run()"
+        return self.loop
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -111,10 +119,7 @@ class Daemon:
         resume = self._take_resume_marker()
         try:
             # pyroute2's synchronous API runs its own loop: keep it off ours
-            await asyncio.to_thread(check_interface, self.cfg)
-            for key, sched in missing_schedulers(self.cfg):  # before anything is applied
-                raise config_mod.ConfigError(key, f"scheduler {sched!r} is not available in this kernel "
-                                                  f"(no ip_vs_{sched} module)", self.cfg.path)
+            await asyncio.to_thread(check_startable, self.cfg)  # before anything is applied
         except config_mod.ConfigError as exc:
             print(f"vipless-failoverd: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -136,7 +141,7 @@ class Daemon:
             return EXIT_FAILURE
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._signal_stop, sig)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self._loop.create_task(self.reload()))
         if self.maintenance_file.exists():  # maintenance survives restarts until turned off
             self.maintenance_saved = True
             self.submit_command(fsm.SetMaintenance(True))
@@ -144,6 +149,11 @@ class Daemon:
         self.log.info("started", version=__version__, config=str(self.cfg.path), resume=resume,
                       priority=self.cfg.election.priority, interval_ms=self.cfg.election.advert_interval_ms,
                       transport=self.cfg.election.transport, ipvs_available=self.dataplane.ipvs_available)
+        scheduling = sched.current()
+        if scheduling.at_risk(self.cfg.election.advert_interval_ms):
+            self.log.warning("no_realtime", policy=scheduling.policy,
+                             interval_ms=self.cfg.election.advert_interval_ms,
+                             advised_below_ms=sched.RT_ADVISED_BELOW_MS, advice=sched.ADVICE)
         # the first reconcile ran in dataplane.start(): tell systemd we are up
         # Everything built at start (config, prebuilt frames, VIP sets) lives as long as
         # the process: keep it out of the cyclic GC's scans, which otherwise grow with
@@ -197,17 +207,28 @@ class Daemon:
         self.submit_command(fsm.Stop())
 
     async def reload(self) -> dict[str, Any]:
-        try:
-            new = config_mod.load(self.cfg.path)
-        except config_mod.ConfigError as exc:
-            self.log.error("reload_failed", error=str(exc))
-            return {"ok": False, "error": str(exc)}
-        problems = [k for k in ("node", "election") if getattr(new, k) != getattr(self.cfg, k)]
+        """Apply the config file by diff, if it passes every check start makes
+        (:func:`preflight`, in a thread: the loop never waits for a file or netlink);
+        otherwise nothing changes and the answer says why."""
+        async with self._reload_lock:  # SIGHUP and failoverctl reload, one at a time
+            try:
+                new, keys = await asyncio.to_thread(preflight, self.cfg.path)
+            except config_mod.ConfigError as exc:
+                self.log.error("reload_failed", error=str(exc))
+                return {"ok": False, "error": f"reload refused: {exc}"}
+            return await self._apply_reload(new, keys)
+
+    async def _apply_reload(self, new: config_mod.Config, keys: tuple[bytes, ...]) -> dict[str, Any]:
+        problems = [k for k, same in (("node", new.node == self.cfg.node),
+                                      ("election", new.election.without_keys() == self.cfg.election.without_keys()))
+                    if not same]
         if problems:
-            msg = f"reload cannot change [{'], ['.join(problems)}]: restart the daemon for that"
+            msg = (f"reload cannot change [{'], ['.join(problems)}] (but for the keys and the replay window): "
+                   f"restart the daemon for that")
             self.log.error("reload_failed", error=msg)
             return {"ok": False, "error": msg}
         old, self.cfg = self.cfg, new
+        self._reload_keys(keys, new.election.max_clock_skew_ms)
         await self.dataplane.reload(new)
         if new.announce != old.announce:
             await self._reload_announcer(new)
@@ -220,6 +241,19 @@ class Daemon:
             self._on_track_change()  # items no longer configured stop counting
         self.log.info("reloaded", config=str(new.path))
         return {"ok": True, "data": {"reloaded": str(new.path)}}
+
+    def _reload_keys(self, keys: tuple[bytes, ...], max_clock_skew_ms: int) -> None:
+        """A rotation: sign with the new signing key from the next advert on, accept
+        every configured key; the replay state is kept."""
+        self.decoder.set_window(max_clock_skew_ms * 1000)
+        if keys == self.keys.keys:
+            return
+        before = self.keys.describe({})
+        self.keys = KeyRing(keys)
+        self.decoder.set_keys(keys)
+        after = self.keys.describe({})
+        self.log.info("keys_reloaded", signing=after["signing"], accepted=after["accepted"],
+                      previous_signing=before["signing"])
 
     async def _reload_announcer(self, new: config_mod.Config) -> None:
         """Announce (and answer for) the reloaded VIP set: added VIPs move with the next
@@ -273,30 +307,30 @@ class Daemon:
 
     # -- inputs -------------------------------------------------------------------
 
-    def _on_datagram(self, data: bytes, src: Any) -> None:
+    def _on_datagram(self, data: bytes, src: Any, rx_time: float) -> None:
         self.stats["adverts_received"] += 1
+        # freshness is judged at the kernel's receive time, not when Python got to it
+        # (after a pause, adverts that waited in the socket are not stale)
+        rx_wall_us = int((time.time() - max(0.0, self.now() - rx_time)) * 1e6)
         try:
-            msg = self.decoder.decode(data)
+            msg = self.decoder.decode(data, rx_wall_us)
         except AdvertRejected as exc:
             self.rejected[exc.reason] += 1
             if self.rejected[exc.reason] in (1, 10, 100, 1000) or self.rejected[exc.reason] % 10000 == 0:
                 self.log.warning("advert_rejected", reason=exc.reason, src=str(src), detail=exc.detail,
                                  count=self.rejected[exc.reason])
+            kind = self.trouble.notice(exc.reason, src, self.now())
+            if kind is not None:  # a peer's address: a key or a clock that differs splits the brain
+                self._do(fsm.Notice(kind, str(src), exc.detail))
             return
         if msg.node == self.cfg.node.name:
             return
+        self.trouble.learn(src)
         if msg.config_digest != self.digest:
             self.rejected["config_digest_mismatch"] += 1  # reported, not fatal
-        self._input(Input("advert", msg, src, self._arrival()))
-
-    def _arrival(self) -> float | None:
-        """Loop time the advert being handled reached the kernel: the master-down timer
-        counts from there, not from when Python got to it (a few hundred microseconds)."""
-        rx = self.transport.rx_wall if self.transport is not None else None
-        if rx is None:
-            return None
-        late = time.time() - rx
-        return self.now() - late if 0 <= late < MAX_ARRIVAL_LATE_S else None
+        # the master-down timer counts from the kernel's receive time, not from when
+        # Python got to it: a few hundred microseconds, or seconds after a pause
+        self._input(Input("advert", msg, src, rx_time))
 
     def submit_command(self, cmd: fsm.Command) -> None:
         self._input(Input("command", cmd))
@@ -332,16 +366,17 @@ class Daemon:
         if deadline == self.election.master_down_at:
             # asyncio rounds its wait up to the next millisecond: the master-down
             # timer, the one a takeover waits for, wakes early and spins the rest
-            self.timer = self.loop.call_at(deadline - PRECISE_LEAD_S, self._precise_timer, deadline)
+            self.timer = self._loop.call_at(deadline - PRECISE_LEAD_S, self._precise_timer, deadline)
         else:
-            self.timer = self.loop.call_at(deadline, self._input, Input("timer"))
+            self.timer = self._loop.call_at(deadline, self._input, Input("timer"))
 
     def _precise_timer(self, deadline: float) -> None:
         self.timer = None
         # spin the rest (at most PRECISE_LEAD_S, and only when the master went silent):
         # a sleep overshoots by the timer slack and a wake-up, and the takeover then
         # runs on a cold CPU
-        while self.loop.time() < deadline:
+        loop = self._loop
+        while loop.time() < deadline:
             pass
         self._input(Input("timer"))
 
@@ -353,9 +388,19 @@ class Daemon:
     # arriving meanwhile queue up behind them, so the order never changes.
 
     def _input(self, item: Input) -> None:
+        if item.kind != "advert":
+            self._read_waiting()
         self.queue.append(item)
         if not self._busy:
             self._process()
+
+    def _read_waiting(self) -> None:
+        """Before a timer or a command reaches the election: the adverts waiting in the
+        socket go first, at their receive times. After a pause the loop runs expired
+        timers before it sees the readable socket; without this a backup would take
+        over from a master whose adverts are sitting unread."""
+        if self.transport is not None and not self.transport.closed:
+            self.transport.drain()  # counted in its "drained"
 
     def _process(self) -> None:
         self._busy = True
@@ -364,7 +409,7 @@ class Daemon:
                 actions = self._call_fsm(self.queue.popleft())
                 done = self._takeover_first(actions)
                 if any(self._needs_await(a) for a in actions if id(a) not in done):
-                    self._pending = self.loop.create_task(self._process_async(actions, done), name="election")
+                    self._pending = self._loop.create_task(self._process_async(actions, done), name="election")
                     return  # still busy: the task carries on with the queue
                 for action in actions:
                     if not self._already(action, done):
@@ -393,7 +438,7 @@ class Daemon:
                 else:
                     self._do(action)
             self._after_input()
-        except Exception:  # noqa: BLE001
+        except Exception:  # a bug must not stop the election: log it, go on
             self.log.exception("internal_error")
         finally:
             self._busy = False
@@ -402,15 +447,20 @@ class Daemon:
             self._process()
 
     def _call_fsm(self, item: Input) -> list[fsm.Action]:
-        now = self.now()
-        if item.at is not None:
-            now = max(item.at, self._fsm_now)  # never before an input already handled
+        present = self.now()
+        # an advert at its arrival time (inputs reach the election in arrival order, so
+        # this only moves forward; the max() guards the microseconds between a read and
+        # a timer), everything else at the present
+        now = max(self._fsm_now, present if item.at is None else min(item.at, present))
         self._fsm_now = now
         self._decided_wall, self._decided_mono = time.time(), time.monotonic()
         try:
             if item.kind == "advert":
-                return self.election.handle_advert(item.payload, item.src, now)
+                return self.election.handle_advert(item.payload, item.src, now, handled_at=present)
             if item.kind == "timer":
+                deadline = self.election.next_deadline()
+                if deadline is None or deadline > now:
+                    return []  # the adverts read before it moved the deadline on
                 return self.election.handle_timer(now)
             return self.election.handle_command(item.payload, now)
         except fsm.LocalError as exc:
@@ -442,6 +492,7 @@ class Daemon:
             case fsm.WithdrawDelivery():
                 await self.dataplane.set_delivery(False)
             case fsm.StartAnnounce(reason=reason):
+                assert self.nexthop is not None  # only next-hop mode awaits (_needs_await)
                 try:
                     await self.nexthop.add()
                 except Exception as exc:  # noqa: BLE001 - reported; the election goes on
@@ -449,6 +500,7 @@ class Daemon:
                 self.announcer.start(reason)
             case fsm.StopAnnounce():
                 self.announcer.stop()
+                assert self.nexthop is not None  # only next-hop mode awaits (_needs_await)
                 try:
                     await self.nexthop.remove()
                 except Exception as exc:  # noqa: BLE001
@@ -501,7 +553,7 @@ class Daemon:
                 self.stats[f"notice_{kind}"] += 1
                 if kind == "split_brain":
                     self.telemetry.on_split_brain(time.monotonic())
-                level = "warning" if kind in ("split_brain", "config_mismatch") else "info"
+                level = "warning" if kind in ("split_brain", "config_mismatch", "auth_failed", "clock_skew") else "info"
                 getattr(self.log, level)(kind, peer=peer, detail=detail)
 
     def _send(self, action: fsm.SendAdvert) -> None:
@@ -513,7 +565,7 @@ class Daemon:
                      advert_interval_ms=self.cfg.election.advert_interval_ms, state=action.state,
                      flags=action.flags, successor=action.successor, hold_ms=action.hold_ms,
                      counter=self.counter, config_digest=self.digest)
-        self.transport.send(encode_advert(msg, self.key))
+        self.transport.send(encode_advert(msg, self.keys.signing))
         self.stats["adverts_sent"] += 1
 
     def _transition(self, old: State, new: State, reason: str) -> None:
@@ -551,12 +603,12 @@ class Daemon:
                 fut.set_result({"ok": False, "error": reason})
 
     async def _wait_for(self, what: str, cmd: fsm.Command, timeout: float) -> dict[str, Any]:
-        fut = self.loop.create_future()
+        fut = self._loop.create_future()
         self.waiters.append((what, fut))
         self.submit_command(cmd)
         try:
             return await within(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return {"ok": False, "error": f"{what} did not complete within {timeout:g} s "
                                           f"(state {self.election.state.name})"}
 
@@ -572,6 +624,9 @@ class Daemon:
             "transitions": list(self.history),
             "adverts": {"sent": self.stats["adverts_sent"], "received": self.stats["adverts_received"],
                         "rejected": dict(self.rejected)},
+            "keys": {**self.keys.describe(self.decoder.key_used),
+                     "replay_window_ms": self.cfg.election.max_clock_skew_ms},
+            "scheduling": sched.current().describe(self.cfg.election.advert_interval_ms),
             "dataplane": self.dataplane.status(),
             "ipvs_available": self.dataplane.ipvs_available,
             "announce": self.announcer.status(),
@@ -580,9 +635,10 @@ class Daemon:
             "tracked": self.tracker.status(),
             "notify": self.hooks.status(),
             "notices": {k[len("notice_"):]: v for k, v in self.stats.items() if k.startswith("notice_")},
-            "control": {"refused": self.control.refused if self.control is not None else 0},
+            "control": self.control.counters() if self.control is not None else {"refused": 0},
             "metrics": {"listen": self.cfg.metrics.listen,
-                        "scrapes": self.metrics_server.scrapes if self.metrics_server is not None else 0},
+                        **(self.metrics_server.counters() if self.metrics_server is not None
+                           else {"scrapes": 0, "renders": 0, "busy": 0})},
         })
         return st
 
@@ -614,6 +670,12 @@ class Daemon:
             self.announcer.start("operator")
             return {"ok": True, "data": self.announcer.status()}
         if cmd == "restart":
+            # the new process must be able to start: check its config as start will
+            try:
+                await asyncio.to_thread(preflight, self.cfg.path)
+            except config_mod.ConfigError as exc:
+                self.log.error("restart_refused", error=str(exc))
+                return {"ok": False, "error": f"restart refused: {exc}"}
             self.submit_command(fsm.Stop(restart=True))
             return {"ok": True, "data": {"restarting": True}}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
@@ -627,6 +689,27 @@ class Daemon:
 # entry point
 
 
+def check_startable(cfg: config_mod.Config) -> None:
+    """The checks of a valid config against this machine that start makes before it
+    changes anything: per-VIP mode's on-link condition (or the next-hop address), and
+    the IPVS schedulers (from the kernel's module lists: files, no netlink). Blocking."""
+    check_interface(cfg)
+    for key, scheduler in missing_schedulers(cfg):
+        raise config_mod.ConfigError(key, f"scheduler {scheduler!r} is not available in this kernel "
+                                          f"(no ip_vs_{scheduler} module)", cfg.path)
+
+
+def preflight(path: str | os.PathLike[str]) -> tuple[config_mod.Config, tuple[bytes, ...]]:
+    """Everything start checks, for reload, restart and --check-config: the config
+    (with its overlap checks), the key files (signing, then accepted), then
+    :func:`check_startable`. Blocking (files, netlink): the daemon calls it in a
+    thread. Raises ConfigError."""
+    cfg = config_mod.load(path)
+    keys = config_mod.read_keys(cfg)
+    check_startable(cfg)
+    return cfg, keys
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vipless-failoverd",
@@ -635,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Exit status: 0 stopped cleanly, 1 runtime failure, 2 bad config or usage.")
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML config file")
     p.add_argument("--check-config", action="store_true",
-                   help="validate the config (and key file) and exit: 0 valid, 2 invalid")
+                   help="run every check start runs (the config, the key file, the VIPs on-link on "
+                        "node.interface, the IPVS schedulers) and exit: 0 valid, 2 invalid")
     p.add_argument("--log-format", choices=("json", "console"), default="json",
                    help="log format on stdout (default: json)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -646,8 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_mod.load(args.config)
-        key = config_mod.read_key(cfg)
+        if args.check_config:
+            cfg, keys = preflight(args.config)
+        else:
+            cfg = config_mod.load(args.config)
+            keys = config_mod.read_keys(cfg)
     except config_mod.ConfigError as exc:
         print(f"vipless-failoverd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -657,15 +744,18 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging(args.log_format, args.log_level)
 
     async def _run() -> tuple[int, bool]:
-        daemon = Daemon(cfg, key, log)
+        daemon = Daemon(cfg, keys, log)
         code = await daemon.run()
         return code, daemon.exit_restart
 
     code, restart = asyncio.run(_run())
     if restart:
-        # restart in place: same PID for systemd; the new process resumes as master
+        # restart in place: same PID for systemd; the new process resumes as master.
+        # The interpreter's own command line again (the package's wrapper with its -I,
+        # a venv's script, python -m: whatever started this process)
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "vipless_failover.daemon", *(argv if argv is not None else sys.argv[1:])])
+        again = sys.orig_argv if argv is None else [sys.executable, "-m", "vipless_failover.daemon", *argv]
+        os.execv(sys.executable, again)
     return code
 
 

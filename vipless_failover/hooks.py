@@ -3,7 +3,9 @@
 Each configured command is an argv list (never run through a shell). On a transition it
 is run as ``argv... NEW_STATE OLD_STATE REASON NODE`` with the same four values in its
 environment (``VIPLESS_NEW_STATE``, ``VIPLESS_OLD_STATE``, ``VIPLESS_REASON``,
-``VIPLESS_NODE``, plus ``VIPLESS_CLUSTER_ID``).
+``VIPLESS_NODE``, plus ``VIPLESS_CLUSTER_ID``). The rest of the environment is the
+daemon's, without any ``VIPLESS_*`` variable it inherited: that prefix belongs to this
+interface, so a hook never reads a stale or foreign value under one of its names.
 
 Hooks never block the election: :meth:`NotifyHooks.transition` only queues the call and
 returns. One task per command runs its calls in order (a hook sees transitions in the
@@ -20,14 +22,16 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from .config import NotifyConfig
 from .aio import cancel_and_wait, within
+from .config import NotifyConfig
 
 QUEUE_MAX = 64
 RESULTS = ("ok", "failed", "timeout", "error", "dropped")
+ENV_PREFIX = "VIPLESS_"  # the hook interface's own variables
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Call:
         return [*command, self.new, self.old, self.reason, self.node]
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update({"VIPLESS_NEW_STATE": self.new, "VIPLESS_OLD_STATE": self.old,
                     "VIPLESS_REASON": self.reason, "VIPLESS_NODE": self.node,
                     "VIPLESS_CLUSTER_ID": str(self.cluster_id)})
@@ -71,7 +75,7 @@ async def run_command(argv: Sequence[str], env: dict[str, str] | None, timeout: 
         return "error", f"{argv[0]}: {exc.strerror or exc}"
     try:
         _, err = await within(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _kill_group(proc)
         await proc.wait()
         return "timeout", f"killed after {timeout:g} s"
@@ -152,7 +156,7 @@ class NotifyHooks:
         if grace > 0 and self._queues:
             try:
                 await within(asyncio.gather(*(q.join() for q in self._queues)), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await cancel_and_wait(self._tasks)
         self._tasks.clear()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -35,15 +36,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 PREFIX = "vipless_failover"
 STATES = ("INIT", "BACKUP", "MASTER", "FAULT")
-REJECT_REASONS = ("malformed", "version", "auth", "replay", "cluster", "config_digest_mismatch")
+REJECT_REASONS = ("malformed", "version", "auth", "replay", "cluster", "stale", "future", "config_digest_mismatch")
 ANNOUNCE_MODES = ("garp", "na", "next_hop")
 TRACK_STATES = ("ok", "failed", "unknown")
 NOTIFY_RESULTS = ("ok", "failed", "timeout", "error", "dropped")
 NOTICE_KINDS = ("split_brain", "config_mismatch", "master_down", "takeover_request", "handover",
-                "drain_done", "peer_restarting")
+                "drain_done", "peer_restarting", "stale_handover", "handover_failed", "auth_failed",
+                "clock_skew")
 TAKEOVER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT_S = 5.0
+#: a burst of scrapes renders once: a body rendered less than this ago is served again
+#: (rendering costs ~1 ms of the loop; 500 concurrent scrapes once delayed adverts 500 ms)
+RENDER_REUSE_S = 0.5
+#: scrape connections served at once; more are closed at once, unread (counted)
+MAX_CLIENTS = 16
 
 
 def reason_kind(reason: str) -> str:
@@ -152,6 +159,12 @@ class DaemonCollector(Collector):
         yield _g("draining", "1 while an old master still delivers during a hand-over drain.",
                  float(bool(st.get("draining"))))
         yield _g("faults", "Tracked items forcing FAULT now.", len(st.get("faults") or []))
+        sched = st.get("scheduling") or {}
+        yield _g("scheduling_realtime", "1 if the daemon runs at real-time priority (SCHED_RR or SCHED_FIFO).",
+                 float(bool(sched.get("realtime"))))
+        yield _g("scheduling_at_risk", "1 if the advert interval is short enough to need real-time priority "
+                 "and the daemon lacks it (a busy CPU can then cause false failovers).",
+                 float(bool(sched.get("at_risk"))))
 
         tr = _c("transitions", "State transitions by old state, new state and reason.",
                 labels=["from", "to", "reason"])
@@ -249,6 +262,13 @@ class DaemonCollector(Collector):
         control = st.get("control") or {}
         yield _c("control_refused", "Control requests refused (not allowed for the caller).",
                  control.get("refused", 0))
+        yield _g("control_clients", "Control socket connections open now.", control.get("clients", 0))
+        cr = _c("control_rejected", "Control connections or requests cut short by a limit, by reason "
+                                    "(too_many_clients, idle_timeout, request_too_large, slow_reader, "
+                                    "bad_request, internal_error).", labels=["reason"])
+        for reason, n in sorted((control.get("rejected") or {}).items()):
+            cr.add_metric([reason], n)
+        yield cr
 
 
 def build_registry(status: Callable[[], dict[str, Any]], split_brain_gap_s: float = 1.0,
@@ -261,7 +281,12 @@ def build_registry(status: Callable[[], dict[str, Any]], split_brain_gap_s: floa
 
 
 class MetricsServer:
-    """A minimal HTTP/1.1 listener on the daemon's loop serving ``GET /metrics``."""
+    """A minimal HTTP/1.1 listener on the daemon's loop serving ``GET /metrics``.
+
+    Bounded: at most :data:`MAX_CLIENTS` connections are served at once (others are
+    closed unread and counted in ``busy``), a request must arrive within
+    :data:`REQUEST_TIMEOUT_S`, and the body is rendered at most once per
+    :data:`RENDER_REUSE_S` whatever the number of scrapes."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, log: Any):
         self.host = host
@@ -269,6 +294,11 @@ class MetricsServer:
         self.registry = registry
         self.log = log
         self.scrapes = 0
+        self.renders = 0
+        self.busy = 0  # connections closed unread: MAX_CLIENTS were being served
+        self._clients = 0
+        self._body: bytes | None = None
+        self._rendered_at = 0.0
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -282,10 +312,34 @@ class MetricsServer:
             await self._server.wait_closed()
             self._server = None
 
+    def counters(self) -> dict[str, int]:
+        return {"scrapes": self.scrapes, "renders": self.renders, "busy": self.busy}
+
+    def _render(self) -> bytes:
+        now = time.monotonic()
+        if self._body is None or now - self._rendered_at >= RENDER_REUSE_S:
+            self._body = generate_latest(self.registry)
+            self._rendered_at = now
+            self.renders += 1
+        return self._body
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            self.busy += 1
+            if self.busy in (1, 10, 100, 1000) or self.busy % 10000 == 0:
+                self.log.warning("metrics_busy", clients=self._clients, closed=self.busy)
+            writer.transport.abort()
+            return
+        self._clients += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._clients -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await within(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
         try:
@@ -299,7 +353,7 @@ class MetricsServer:
                 await self._send(writer, 405, b"method not allowed\n", "text/plain", head_only=False)
             elif path == b"/metrics":
                 self.scrapes += 1
-                body = generate_latest(self.registry)
+                body = self._render()
                 await self._send(writer, 200, body, CONTENT_TYPE, head_only=method == b"HEAD")
             elif path == b"/":
                 await self._send(writer, 200, b'<html><body><a href="/metrics">metrics</a></body></html>\n',

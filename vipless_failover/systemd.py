@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class Notifier:
@@ -32,7 +33,7 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Notifier":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET") or None
         usec: int | None = None

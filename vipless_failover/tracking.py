@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
+from .aio import cancel_and_wait
 from .config import TrackCheck, TrackConfig, TrackInterface
 from .hooks import run_command
-from .aio import cancel_and_wait
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
 

@@ -9,12 +9,20 @@
 * tracking: a failing check forces FAULT (the backup takes over), a weighted check
   lowers the priority (the preempting backup takes over), an extra tracked interface
   losing its link forces FAULT;
-* sd_notify: READY=1 with the role, STATUS= on transitions, WATCHDOG=1 pings.
+* sd_notify: READY=1 with the role, STATUS= on transitions, WATCHDOG=1 pings;
+* reload = start (issue 13): reload, restart and --check-config refuse what start
+  refuses (an off-link VIP, a key others can read) and change nothing; a FIFO in
+  place of the config is refused at once while adverts keep their schedule; status
+  works with a broken config;
+* the control socket's limits (issue 13): 1,200 connections from a group member
+  leave root's status, the pair and the daemon's fds alone, with no log flood; bad
+  fields are usage errors (exit 2).
 """
 
 from __future__ import annotations
 
 import grp
+import itertools
 import json
 import os
 import pwd
@@ -25,13 +33,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from netnslab.configgen import NodeSettings
 from netnslab.daemons import Cluster, Daemon, _bin
+from vipless_failover.metrics import RENDER_REUSE_S
 
 pytestmark = pytest.mark.lab
 
@@ -167,6 +177,8 @@ def test_metrics_scrape_passes_promtool(make_cluster: Callable[..., Cluster]) ->
     expiries = metric(text_b, p + "master_down_expiries_total")
     a.kill()
     b.wait_state("MASTER", 5)
+    # a scrape within RENDER_REUSE_S of the last one is served the same body: wait past it
+    time.sleep(RENDER_REUSE_S)
     text_b = scrape(b)
     assert metric(text_b, p + "master_down_expiries_total") == expiries + 1
     assert metric(text_b, p + "state", state="MASTER") == 1
@@ -292,16 +304,47 @@ def temp_users():
                 subprocess.run(["groupdel", name], timeout=30, capture_output=True)
 
 
+def user_argv(user: pwd.struct_passwd, argv: list[str]) -> list[str]:
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+            "--inh-caps=-all", "--bounding-set=-all", *argv]
+
+
 def as_user(user: pwd.struct_passwd, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
-                           "--inh-caps=-all", "--bounding-set=-all", *argv],
-                          capture_output=True, text=True, timeout=20, env={"PATH": "/usr/bin:/bin"})
+    return subprocess.run(user_argv(user, argv), capture_output=True, text=True, timeout=20,
+                          env={"PATH": "/usr/bin:/bin"})
 
 
-def test_control_socket_permissions_root_group_other(make_cluster: Callable[..., Cluster], temp_users) -> None:
+@pytest.fixture
+def ctl_for_users(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A failoverctl that unprivileged users can run wherever the clone lives.
+
+    The venv (and pyenv's interpreter) may sit under /root, which is 0700 on Debian:
+    copy the package (failoverctl needs only the standard library) into a
+    world-readable directory and run it with the system's interpreter."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert python, "no /usr/bin/python3 (./run installs python3)"
+    where = tmp_path_factory.mktemp("ctl-for-users")
+    os.chmod(where, 0o755)
+    pkg = Path(__file__).resolve().parents[2] / "vipless_failover"
+    shutil.copytree(pkg, where / "vipless_failover", ignore=shutil.ignore_patterns("__pycache__"))
+    for d in [where, *where.parents]:  # pytest's base temp dirs are 0700
+        if d == Path("/tmp") or d == Path("/"):
+            break
+        os.chmod(d, os.stat(d).st_mode | 0o711)
+    for root, dirs, files in os.walk(where):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(where)!r}); "
+            "from vipless_failover.cli import main; sys.exit(main())"]
+
+
+def test_control_socket_permissions_root_group_other(make_cluster: Callable[..., Cluster], temp_users,
+                                                     ctl_for_users: list[str]) -> None:
     group, member, other = temp_users
     cluster = make_cluster(start=False, a=NodeSettings(priority=150, overrides={"control": {"group": group}}))
-    a, b = cluster[A], cluster[B]
+    a = cluster[A]
     # the users must reach the socket's directory (the lab's workdir is 0700)
     for d in (a.lab.workdir, a.dir):
         os.chmod(d, 0o711)
@@ -310,27 +353,27 @@ def test_control_socket_permissions_root_group_other(make_cluster: Callable[...,
     sock = a.control_socket
     stt = os.stat(sock)
     assert (stt.st_mode & 0o777, stt.st_uid, stt.st_gid) == (0o660, 0, grp.getgrnam(group).gr_gid)
-    ctl_bin = _bin("failoverctl")
+    ctl_bin = ctl_for_users
 
     # root: everything
     assert ctl(a, "status")[0] == 0
     assert ctl(a, "announce")[0] == 0
     # a member of the control group: read-only commands only
-    p = as_user(member, [ctl_bin, "-s", str(sock), "status", "--json"])
+    p = as_user(member, [*ctl_bin, "-s", str(sock), "status", "--json"])
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["node"] == A
     for cmd in (["promote"], ["demote"], ["maintenance", "on"], ["reload"], ["announce"], ["restart"]):
-        p = as_user(member, [ctl_bin, "-s", str(sock), *cmd])
+        p = as_user(member, [*ctl_bin, "-s", str(sock), *cmd])
         assert p.returncode == 1, (cmd, p.returncode, p.stderr)
         assert f"permission denied: {cmd[0]!r} needs root" in p.stderr
     # anyone else: the socket's mode keeps them out ...
-    p = as_user(other, [ctl_bin, "-s", str(sock), "status"])
+    p = as_user(other, [*ctl_bin, "-s", str(sock), "status"])
     assert p.returncode == 1 and "permission denied" in p.stderr
     # ... and so does the daemon's own SO_PEERCRED check if the mode were wrong
     os.chmod(sock, 0o666)
-    p = as_user(other, [ctl_bin, "-s", str(sock), "status"])
+    p = as_user(other, [*ctl_bin, "-s", str(sock), "status"])
     assert p.returncode == 1 and "permission denied: 'status' needs root or group" in p.stderr
-    p = as_user(other, [ctl_bin, "-s", str(sock), "demote"])
+    p = as_user(other, [*ctl_bin, "-s", str(sock), "demote"])
     assert p.returncode == 1 and "permission denied" in p.stderr
     os.chmod(sock, 0o660)
     # nothing changed, every refusal was logged and counted
@@ -398,7 +441,7 @@ def test_notify_hooks_get_the_transition_and_a_hanging_one_delays_nothing(
         assert cluster.states() == {A: "MASTER", B: "BACKUP"}
         # a transition while the hook hangs is not delayed either
         t0 = time.monotonic()
-        code, out, _ = ctl(a, "demote", "--timeout", "3")
+        code, _out, _ = ctl(a, "demote", "--timeout", "3")
         assert code == 0 and time.monotonic() - t0 < 1.5
         b_calls = wait_for(lambda: [c for c in read(B) if c["argv"][0] == "MASTER"], 3, "b's MASTER hook")
         assert b_calls[-1]["argv"][1:] == ["BACKUP", f"handover:{A}", B]
@@ -541,7 +584,7 @@ def test_sd_notify_ready_status_and_watchdog(make_cluster: Callable[..., Cluster
         pings = [t for t, m in msgs if m.get("WATCHDOG") == "1"]
         # every 0.2 s for ~6 s
         assert len(pings) >= 20
-        assert max(b2 - a2 for a2, b2 in zip(pings, pings[1:])) < 0.4
+        assert max(b2 - a2 for a2, b2 in itertools.pairwise(pings)) < 0.4
         # a graceful stop says STOPPING=1
         a.term()
         a.wait_exit(10)
@@ -583,3 +626,242 @@ def test_reload_applies_new_tracking_and_hooks(make_cluster: Callable[..., Clust
     a.wait_state("MASTER", 5)
     st = a.status()
     assert st["effective_priority"] == 150 and not [t for t in st["tracked"] if t["name"] == "check:gone"]
+
+
+# ---------------------------------------------------------------------------
+# reload = start (issue 13)
+
+OFF_LINK_VIP = "203.0.113.99"  # the client's side of the router: not on the directors' LAN
+
+
+def ctl_socket(d: Daemon, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """failoverctl -s SOCKET ... (for a daemon whose config file is not a config now)."""
+    return subprocess.run([_bin("failoverctl"), "-s", str(d.control_socket), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_reload_restart_and_check_config_refuse_what_start_refuses(pair: Cluster, lab) -> None:
+    from netnslab.daemons import event_time
+    a, b = pair[A], pair[B]
+    pair.wait_converged(CONVERGE_S, A)
+    good = a.config_path.read_text()
+    st0 = a.status()
+    t0 = time.time()
+
+    # a VIP the router cannot have on-link: start refuses it, so do reload (failoverctl
+    # and SIGHUP), restart and --check-config
+    a.reconfigure(vips=(*a.settings.vips, OFF_LINK_VIP))
+    reason = f"announce.vips[3]: {OFF_LINK_VIP}/32 is not on {lab.director(A).iface}'s subnets"
+    code, out, _ = ctl(a, "reload")
+    assert code == 1 and out["error"].startswith("reload refused: ") and reason in out["error"], out
+    p = a.ctl("reload")
+    assert p.returncode == 1 and reason in p.stderr
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: len([e for e in a.events(current_run=True)
+                          if e.get("event") == "reload_failed" and reason in e.get("error", "")]) == 3,
+             5, "SIGHUP's reload refused")
+    code, out, _ = ctl(a, "restart")
+    assert code == 1 and out["error"].startswith("restart refused: ") and reason in out["error"], out
+    p = lab.exec(A, _bin("vipless-failoverd"), "-c", str(a.config_path), "--check-config", check=False)
+    assert p.returncode == 2 and reason in p.stderr
+
+    # a key file others may read: refused the same way
+    a.config_path.write_text(good)
+    os.chmod(pair.key_file, 0o644)
+    try:
+        for cmd in ("reload", "restart"):
+            code, out, _ = ctl(a, cmd)
+            assert code == 1 and "election.key_file" in out["error"] and "accessible by others" in out["error"]
+    finally:
+        os.chmod(pair.key_file, 0o600)
+
+    # a config that does not validate: status still reaches the daemon (its socket from
+    # the raw TOML, with a warning), reload says why it refuses
+    a.config_path.write_text(good + "\n[unknown_section]\nx = 1\n")
+    p = a.ctl("status", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["state"] == "MASTER", p.stderr
+    assert "warning" in p.stderr and "unknown_section: unknown key" in p.stderr, p.stderr
+    code, out, _ = ctl(a, "reload")
+    assert code == 1 and "unknown_section: unknown key" in out["error"]
+
+    # nothing changed: the same process with the old config, the same roles, no failover
+    time.sleep(1.0)
+    st = ctl_socket(a, "status", "--json")
+    st = json.loads(st.stdout)
+    assert st["pid"] == st0["pid"] == a.pid and st["uptime_s"] > st0["uptime_s"]
+    assert st["announce"]["vips"] == st0["announce"]["vips"] == 3
+    assert st["state"] == "MASTER" and b.state() == "BACKUP"
+    assert not [t for t in b.transitions() if t.get("to") == "MASTER" and (event_time(t) or 0) >= t0]
+    assert "Traceback" not in a.log_text()
+    # the good config again: reload and restart go through
+    a.config_path.write_text(good)
+    assert ctl(a, "reload")[0] == 0
+    code, out, _ = ctl(a, "restart")
+    assert code == 0 and out == {"restarting": True}
+    st = wait_for(lambda: (a.status() or {}).get("uptime_s", 99) < 5 and a.status(), 10, "restarted daemon answers")
+    assert st["pid"] == st0["pid"]
+
+
+def test_reload_of_a_fifo_is_refused_at_once_while_adverts_go_on(pair: Cluster) -> None:
+    from netnslab.daemons import event_time
+    a, b = pair[A], pair[B]
+    pair.wait_converged(CONVERGE_S, A)
+    good = a.config_path.read_text()
+    a.config_path.unlink()
+    os.mkfifo(a.config_path, 0o600)
+    try:
+        t0 = time.time()
+        a.signal(signal.SIGHUP)
+        p = ctl_socket(a, "reload", "--json")
+        took = time.time() - t0
+        assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+        assert json.loads(p.stdout)["error"] == f"reload refused: {a.config_path}: not a regular file"
+        assert took < 2.0
+        # a kept its advert schedule: b heard it every ~100 ms and stayed backup
+        ages = []
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            ages.append(b.status()["peers"][0]["last_seen_s"])
+            time.sleep(0.05)
+        assert max(ages) < 0.35, ages
+        assert json.loads(ctl_socket(a, "status", "--json").stdout)["state"] == "MASTER"
+        assert b.state() == "BACKUP"
+        assert not [t for t in b.transitions() if t.get("to") == "MASTER" and (event_time(t) or 0) >= t0]
+        refused = [e for e in a.events(current_run=True) if e.get("event") == "reload_failed"]
+        assert len(refused) == 2 and all("not a regular file" in e["error"] for e in refused)
+    finally:
+        try:  # a daemon stuck reading the FIFO gets its end of file
+            os.close(os.open(a.config_path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        a.config_path.unlink()
+        a.config_path.write_text(good)
+
+
+# ---------------------------------------------------------------------------
+# control socket limits (issue 13)
+
+FLOOD = """
+import json, resource, socket, sys, time
+path, n, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+socks, errors = [], []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    for attempt in range(500):  # the listen backlog is full (EAGAIN): retry
+        try:
+            s.connect(path)
+            socks.append(s)
+            break
+        except BlockingIOError:
+            time.sleep(0.001)
+        except OSError as exc:
+            errors.append(str(exc))
+            s.close()
+            break
+print(json.dumps({"connected": len(socks), "errors": errors[:3]}), flush=True)
+time.sleep(hold)
+kinds = {}
+for s in socks:
+    s.setblocking(False)
+    try:
+        data = s.recv(4096)
+    except BlockingIOError:
+        data = None
+    kind = ("open" if data is None else "closed" if not data else
+            "busy" if b"busy" in data else "idle" if b"no request within" in data else "other")
+    kinds[kind] = kinds.get(kind, 0) + 1
+print(json.dumps(kinds), flush=True)
+"""
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_connection_flood_from_a_group_member_harms_nothing(make_cluster: Callable[..., Cluster], temp_users,
+                                                              ctl_for_users: list[str]) -> None:
+    from netnslab.daemons import event_time
+    group, member, _ = temp_users
+    cluster = make_cluster(start=False, a=NodeSettings(priority=150, overrides={"control": {"group": group}}))
+    a, b = cluster[A], cluster[B]
+    for d in (a.lab.workdir, a.dir):
+        os.chmod(d, 0o711)
+    a.command_prefix = ["prlimit", "--nofile=1024:1024"]  # systemd's default soft limit
+    cluster.start()
+    cluster.wait_converged(CONVERGE_S, A)
+    time.sleep(0.5)
+    base_fds = _fds(a.pid)
+    t0 = time.time()
+    python = ctl_for_users[0]
+    flood = subprocess.Popen(user_argv(member, [python, "-I", "-c", FLOOD, str(a.control_socket), "1200", "12"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    try:
+        first = json.loads(flood.stdout.readline())
+        assert first == {"connected": 1200, "errors": []}, (first, flood.stderr.read() if flood.poll() else "")
+        # while the member holds every connection it could get: root is served, the
+        # daemon's fds stay bounded, the pair stays as it was
+        fds = []
+        for _ in range(5):
+            code, st, err = ctl(a, "status")
+            assert code == 0, err
+            fds.append(_fds(a.pid))
+            time.sleep(0.2)
+        assert st["control"]["clients"] <= 56 + 1 and st["control"]["rejected"]["too_many_clients"] >= 1200 - 56
+        assert max(fds) < base_fds + 64 + 16, (base_fds, fds)
+        print(f"daemon fds: {base_fds} before, {fds} during the flood; control {st['control']}")
+        assert st["state"] == "MASTER" and b.state() == "BACKUP"
+        out, err = flood.communicate(timeout=30)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+    # every connection over the cap was answered "busy" and closed at once; the ones
+    # taken were dropped after the idle timeout
+    kinds = json.loads(out.splitlines()[-1])
+    print(f"flood connections: {kinds}")
+    assert kinds.get("busy", 0) >= 1200 - 56 and kinds.get("open", 0) == 0, kinds
+    assert kinds.get("busy", 0) + kinds.get("idle", 0) == 1200, kinds
+    st = ctl(a, "status")[1]
+    assert st["control"]["clients"] == 1  # this status request's own
+    assert st["control"]["rejected"]["idle_timeout"] == kinds.get("idle", 0)
+    assert _fds(a.pid) <= base_fds + 2
+    assert st["state"] == "MASTER" and b.state() == "BACKUP"
+    assert not [t for t in b.transitions() if t.get("to") == "MASTER" and (event_time(t) or 0) >= t0]
+    # logged once per burst, no traceback, no failing reconcile
+    log = a.log_text()
+    assert "Traceback" not in log
+    events = a.events(current_run=True)
+    limits = [e for e in events if e.get("event") == "control_limit"]
+    assert 1 <= len(limits) <= 4, limits
+    assert not [e for e in events if e.get("event") in ("reconcile_error", "control_error", "internal_error")]
+    assert len(log.splitlines()) < 200
+
+
+def test_bad_fields_are_usage_errors(pair: Cluster) -> None:
+    a = pair[A]
+    pair.wait_converged(CONVERGE_S, A)
+    for bad in ("-1", "nan", "1e9", "soon"):
+        p = a.ctl("demote", "--timeout", bad)
+        assert p.returncode == 2 and "argument --timeout" in p.stderr, (bad, p.returncode, p.stderr)
+    # the daemon itself: a raw request with a bad field is a usage error, not an internal error
+    for req, error in (({"cmd": "demote", "timeout": "x"}, 'timeout: must be a number of seconds, got "x"'),
+                       ({"cmd": "promote", "timeout": -5}, "timeout: must be more than 0 and at most 3600 "
+                                                           "seconds, got -5"),
+                       ({"cmd": "maintenance", "on": "yes"}, 'on: must be true or false, got "yes"'),
+                       ({"cmd": "frobnicate"}, "unknown command 'frobnicate'")):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(str(a.control_socket))
+            s.sendall(json.dumps(req).encode() + b"\n")
+            answer = json.loads(s.makefile("rb").readline())
+        finally:
+            s.close()
+        assert answer == {"ok": False, "error": error, "usage": True}
+    assert pair.states() == {A: "MASTER", B: "BACKUP"}
+    assert "Traceback" not in a.log_text()
+    assert not [e for e in a.events(current_run=True) if e.get("event") == "control_error"]

@@ -9,7 +9,6 @@ import json
 import os
 import pwd
 import time
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +25,8 @@ STATUS = {
     "ipvs_available": False, "announce": {"mode": "per-vip", "vips": 2, "announcing": True,
                                           "announcements_sent": {"garp": 4}},
     "adverts": {"sent": 10, "received": 9, "rejected": {}},
+    "keys": {"signing": "0123456789ab", "accepted": ["ba9876543210"], "replay_window_ms": 5000,
+             "peers": {"director-b": "accepted:ba9876543210"}},
     "peers": [{"node": "director-b", "address": "192.0.2.12", "state": "BACKUP", "priority": 100,
                "last_seen_s": 0.05, "config_match": True}],
     "tracked": [
@@ -80,6 +81,9 @@ async def test_status_table_shows_tracked_items(server, capsys):
     assert lines[i + 1].split()[:3] == ["link:eth0", "ok", "fault"]
     assert lines[i + 2].split()[:4] == ["check:upstream", "failed", "priority", "-40"]
     assert "director-b" in out
+    # mid-rotation: the peer still signs with the key this node only accepts
+    assert ("keys             signing 0123456789ab, also accepting ba9876543210; peers still signing "
+            "with an accepted key: director-b (ba9876543210); replay window 5 s") in lines
 
 
 async def test_status_json_is_the_daemons_data(server, capsys):
@@ -109,10 +113,47 @@ async def test_usage_errors_exit_2(capsys, tmp_path):
     assert (await run(capsys))[0] == 2
     assert (await run(capsys, "frobnicate"))[0] == 2
     assert (await run(capsys, "maintenance", "maybe"))[0] == 2
+    for bad_timeout in ("-1", "0", "nan", "inf", "1e9", "soon"):
+        code, _, err = await run(capsys, "-s", str(tmp_path / "unused.sock"), "promote", "--timeout", bad_timeout)
+        assert code == 2 and "argument --timeout" in err, bad_timeout
+
+
+async def test_a_usage_answer_from_the_daemon_exits_2(capsys, tmp_path):
+    async def handler(req, peer):
+        return {"ok": False, "error": "timeout: must be a number of seconds, got \"x\"", "usage": True}
+
+    path = tmp_path / "control.sock"
+    srv = ControlServer(path, grp.getgrgid(os.getgid()).gr_name, handler, NullLog())
+    await srv.start()
+    try:
+        code, _, err = await run(capsys, "-s", str(path), "demote")
+        assert code == 2 and err.strip() == 'failoverctl: demote: timeout: must be a number of seconds, got "x"'
+        code, out, _ = await run(capsys, "-s", str(path), "demote", "--json")
+        assert code == 2 and json.loads(out)["usage"] is True
+    finally:
+        await srv.close()
+
+
+async def test_a_broken_config_still_names_its_socket(server, capsys, tmp_path, monkeypatch):
+    """The daemon runs the last good config: status must still reach it (issue 13)."""
+    path, _ = server
     bad = tmp_path / "bad.toml"
-    bad.write_text("[node]\n")
-    code, _, err = await run(capsys, "-c", str(bad), "status")
-    assert code == 2 and "bad.toml" in err
+    bad.write_text(f'[control]\nsocket = "{path}"\n[node]\nname = "director a"\n')  # TOML, but invalid
+    code, out, err = await run(capsys, "-c", str(bad), "status")
+    assert code == 0 and "MASTER" in out
+    assert err.strip() == (f"failoverctl: warning: {bad}: node.name: invalid value 'director a'; "
+                           f"using its [control] socket {path}")
+    # not even TOML: the default socket, with a warning
+    monkeypatch.setattr(cli, "DEFAULT_SOCKET", str(path))
+    bad.write_text("[control\n")
+    code, out, err = await run(capsys, "-c", str(bad), "status", "--json")
+    assert code == 0 and json.loads(out)["state"] == "MASTER"
+    assert err.startswith(f"failoverctl: warning: {bad}: invalid TOML") and f"the default socket {path}" in err
+    # a FIFO in its place is not waited for
+    bad.unlink()
+    os.mkfifo(bad)
+    code, out, err = await asyncio.wait_for(run(capsys, "-c", str(bad), "status", "--json"), 10)
+    assert code == 0 and f"{bad}: not a regular file; using the default socket" in err
 
 
 async def test_unreachable_daemon_exits_3(capsys, tmp_path):

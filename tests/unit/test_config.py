@@ -55,7 +55,8 @@ def test_examples_are_valid_and_share_their_digest(capsys):
 
 
 def test_minimal_config_defaults(tmp_path, key, capsys):
-    path = write(tmp_path, MINIMAL, key)
+    # lo: --check-config also checks the interface (start does), and every host has lo
+    path = write(tmp_path, MINIMAL.replace('"eth0"', '"lo"'), key)
     cfg = config.load(path)
     assert cfg.election.advert_interval_ms == 1000
     assert cfg.election.transport == "multicast"
@@ -64,7 +65,7 @@ def test_minimal_config_defaults(tmp_path, key, capsys):
     assert cfg.metrics.host == "127.0.0.1"
     assert cfg.delivery.table == 100 and cfg.delivery.protocol == 98
     assert config.read_key(cfg) == b"0123456789abcdef0123456789abcdef"
-    code, err = check(path, capsys)
+    code, _err = check(path, capsys)
     assert code == 0
 
 
@@ -222,9 +223,10 @@ def test_relative_key_path_is_relative_to_config(tmp_path, key):
 
 
 def test_check_config_changes_nothing(tmp_path, key, capsys):
-    """--check-config reads two files and writes none (no socket, no runtime dir)."""
+    """--check-config reads two files (and the interface) and writes none (no socket, no runtime dir)."""
     sock_dir = tmp_path / "run"
-    path = write(tmp_path, MINIMAL + f'[control]\nsocket = "{sock_dir}/control.sock"\n', key)
+    path = write(tmp_path, MINIMAL.replace('"eth0"', '"lo"') + f'[control]\nsocket = "{sock_dir}/control.sock"\n',
+                 key)
     before = sorted(os.listdir(tmp_path))
     code, out = daemon_main(["--check-config", "-c", str(path)]), capsys.readouterr().out
     assert code == 0 and out.strip() == f"{path}: OK"
@@ -236,3 +238,47 @@ def test_usage_error_exits_2(capsys):
         daemon_main([])
     assert exc.value.code == 2
     assert re.search(r"required: -c/--config", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------
+# key rotation and the replay window (issue 13, items 3 and 4)
+
+
+def test_accepted_keys_are_read_after_the_signing_key(tmp_path, key):
+    old = tmp_path / "cluster.key.old"
+    old.write_text("fedcba9876543210fedcba9876543210\n")
+    old.chmod(0o600)
+    text = MINIMAL + f'accept_key_files = ["{old}"]\nmax_clock_skew_ms = 2000\n'
+    cfg = config.load(write(tmp_path, text, key))
+    assert cfg.election.accept_key_files == (old,) and cfg.election.max_clock_skew_ms == 2000
+    assert config.read_keys(cfg) == (b"0123456789abcdef0123456789abcdef", b"fedcba9876543210fedcba9876543210")
+    # an accepted key is checked like the signing key, and named by its key path
+    old.chmod(0o644)
+    with pytest.raises(config.ConfigError, match=r"election\.accept_key_files\[0\]: .*accessible by others"):
+        config.read_keys(cfg)
+    # without accepted keys: just the signing key; default window 5 s
+    plain = config.load(write(tmp_path, MINIMAL, key))
+    assert config.read_keys(plain) == (config.read_key(plain),)
+    assert plain.election.max_clock_skew_ms == 5000
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('accept_key_files = ["{key}"]', r"accept_key_files\[0\]: is election.key_file itself"),
+    ('accept_key_files = ["/a", "/a"]', r"accept_key_files\[1\]: duplicate of election.accept_key_files\[0\]"),
+    ('accept_key_files = ["/a", "/b", "/c", "/d"]', r"accept_key_files: at most 3 files"),
+    ('accept_key_files = [""]', r"accept_key_files\[0\]: must be a non-empty string"),
+    ("max_clock_skew_ms = 99", r"max_clock_skew_ms: must be 0 \(off\) or at least 100, got 99"),
+    ("max_clock_skew_ms = -1", r"max_clock_skew_ms"),
+])
+def test_bad_rotation_and_window_settings_are_refused(tmp_path, key, extra, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(write(tmp_path, MINIMAL + extra + "\n", key))
+
+
+def test_reload_may_change_the_keys_and_the_window_only(tmp_path, key):
+    a = config.load(write(tmp_path, MINIMAL, key)).election
+    b = config.load(write(tmp_path, MINIMAL.replace("{key}", "/other.key")
+                          + 'accept_key_files = ["/old.key"]\nmax_clock_skew_ms = 0\n', key)).election
+    assert a != b and a.without_keys() == b.without_keys()
+    c = config.load(write(tmp_path, MINIMAL.replace("priority = 150", "priority = 140"), key)).election
+    assert a.without_keys() != c.without_keys()

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from vipless_failover.config import NotifyConfig
 from vipless_failover.hooks import QUEUE_MAX, NotifyHooks, run_command
 
@@ -52,7 +50,10 @@ async def wait_for(cond, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_command_gets_new_old_reason_node_as_args_and_env(tmp_path):
+async def test_command_gets_new_old_reason_node_as_args_and_env(tmp_path, monkeypatch):
+    # inherited VIPLESS_* variables (a stale one of ours, a CI variable) never reach a hook
+    monkeypatch.setenv("VIPLESS_NEW_STATE", "stale")
+    monkeypatch.setenv("VIPLESS_DEB", "/tmp/x.deb")
     argv, out = recorder(tmp_path)
     hooks = NotifyHooks(NotifyConfig(commands=(tuple(argv),), timeout_ms=5000), "director-a", 51, ListLog())
     hooks.start()

@@ -71,6 +71,18 @@ def test_families_from_status():
     assert s[(p + "last_transition_timestamp_seconds", ())] > 1.7e9
 
 
+def test_control_limits_are_counted_by_reason():
+    st = {**STATUS, "control": {"refused": 1, "clients": 3,
+                                "rejected": {"too_many_clients": 1140, "idle_timeout": 56, "bad_request": 0}}}
+    reg, _ = build_registry(lambda: st)
+    s = samples(reg)
+    p = "vipless_failover_"
+    assert s[(p + "control_clients", ())] == 3
+    assert s[(p + "control_rejected_total", (("reason", "too_many_clients"),))] == 1140
+    assert s[(p + "control_rejected_total", (("reason", "idle_timeout"),))] == 56
+    assert s[(p + "control_rejected_total", (("reason", "bad_request"),))] == 0
+
+
 def test_reason_labels_keep_only_the_kind():
     assert reason_kind("handover:director-b") == "handover"
     assert reason_kind("fault:check:web") == "fault"
@@ -164,5 +176,44 @@ async def test_http_listener_serves_metrics_only():
         w.write(b"GET /metr")
         assert (await _http(server.port, b"GET /metrics HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 200")
         w.close()
+    finally:
+        await server.close()
+
+
+async def test_a_burst_of_scrapes_renders_once_and_excess_connections_are_closed(monkeypatch):
+    # issue 13: 500 concurrent scrapes rendered 500 times on the loop that sends adverts
+    from vipless_failover import metrics as metrics_mod
+    rendered = []
+    reg, _ = build_registry(lambda: STATUS, on_scrape=lambda: rendered.append(1))
+    server = MetricsServer("127.0.0.1", 0, reg, NullLog())
+    await server.start()
+    try:
+        answers = await asyncio.gather(*(_http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n") for _ in range(12)))
+        assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
+        assert len(set(answers)) == 1 and len(rendered) == 1 and server.renders == 1 and server.scrapes == 12
+        # older than RENDER_REUSE_S: rendered again
+        monkeypatch.setattr(metrics_mod, "RENDER_REUSE_S", 0.0)
+        await _http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert server.renders == 2
+        # MAX_CLIENTS connections that say nothing: the next one is closed unread
+        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(metrics_mod.MAX_CLIENTS)]
+        for _ in range(100):
+            if server._clients == metrics_mod.MAX_CLIENTS:
+                break
+            await asyncio.sleep(0.01)
+        assert server._clients == metrics_mod.MAX_CLIENTS
+        try:
+            extra = await _http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        except ConnectionResetError:  # closed unread: the kernel may answer with a reset
+            extra = b""
+        assert extra == b"" and server.busy == 1
+        for _, w in held:
+            w.close()
+        for _ in range(100):
+            if server._clients == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await _http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        assert server.counters() == {"scrapes": 14, "renders": 3, "busy": 1}
     finally:
         await server.close()

@@ -1,5 +1,7 @@
 """sd_notify over a real datagram socket, and the shipped unit checked by
-``systemd-analyze verify`` (which must print nothing: it exits 0 even on warnings)."""
+``systemd-analyze verify`` (which must print nothing: it exits 0 even on warnings) and
+``systemd-analyze security`` (exposure below 3.0). tests/system runs it under a real
+systemd from the Debian package."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import pytest
 from vipless_failover.systemd import Notifier, role_status
 
 UNIT = Path(__file__).parents[2] / "systemd" / "vipless-failoverd.service"
-SHIPPED_BIN = "/usr/local/bin/vipless-failoverd"
+SHIPPED_BIN = "/usr/sbin/vipless-failoverd"  # where the Debian package puts it
+SHIPPED_CTL = "/usr/bin/failoverctl"
 
 
 @pytest.fixture
@@ -122,7 +125,7 @@ def test_unit_has_what_the_issue_asks_for():
     s = unit_settings()
     assert s["Type"] == ["notify"]
     assert s["WatchdogSec"] and s["Restart"] == ["on-failure"]
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["ExecReload"] == ["/usr/bin/failoverctl --config /etc/vipless-failover/vipless-failover.toml reload"]
     assert s["ExecStart"] == [f"{SHIPPED_BIN} --config /etc/vipless-failover/vipless-failover.toml --log-format json"]
     assert set(s["AmbientCapabilities"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
     assert set(s["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
@@ -134,18 +137,22 @@ def test_unit_has_what_the_issue_asks_for():
 
 
 def _verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """systemd-analyze verify needs ExecStart's binary to exist: point it at this venv's."""
+    """systemd-analyze verify needs the Exec binaries to exist: point them at this venv's."""
     daemon = Path(sys.executable).parent / "vipless-failoverd"
-    assert daemon.exists(), daemon
+    ctl = Path(sys.executable).parent / "failoverctl"
+    assert daemon.exists() and ctl.exists(), (daemon, ctl)
     unit = tmp_path / "vipless-failoverd.service"
-    unit.write_text(unit_text.replace(SHIPPED_BIN, str(daemon)))
-    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    unit.write_text(unit_text.replace(SHIPPED_BIN, str(daemon)).replace(SHIPPED_CTL, str(ctl)))
+    # --man=no: Documentation= names the package's man pages, not installed on this host
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_systemd_analyze_verify_passes_without_a_warning(tmp_path):
     text = UNIT.read_text()
     assert text.count(SHIPPED_BIN) == 2  # ExecStartPre and ExecStart, nothing else rewritten
+    assert text.count(SHIPPED_CTL) == 1  # ExecReload
     p = _verify(text, tmp_path)
     assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stdout + p.stderr
 
@@ -155,3 +162,40 @@ def test_systemd_analyze_verify_reports_mistakes(tmp_path):
     # the check above can fail: a typo in a key is reported
     p = _verify(re.sub(r"^WatchdogSec=", "WatchdogSecs=", UNIT.read_text(), flags=re.M), tmp_path)
     assert "Unknown key" in p.stdout + p.stderr
+
+
+def test_unit_is_packaged_and_sandboxed():
+    s = unit_settings()
+    assert s["ExecStartPre"] == [f"{SHIPPED_BIN} --config /etc/vipless-failover/vipless-failover.toml --check-config"]
+    # a fresh package install has no config: the start is skipped, not failed
+    assert s["ConditionPathExists"] == ["/etc/vipless-failover/vipless-failover.toml"]
+    # the daemon hands the control socket to this group without CAP_CHOWN
+    assert s["SupplementaryGroups"] == ["vipless-failover"]
+    assert s["CPUSchedulingPolicy"] == ["rr"] and "RestrictRealtime" not in s
+    for key in ("PrivateDevices", "PrivateMounts", "ProtectKernelTunables", "ProtectKernelLogs",
+                "ProtectKernelModules", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+                "LockPersonality", "RestrictSUIDSGID", "RestrictNamespaces"):
+        assert s[key] == ["yes"], key
+    assert s["UMask"] == ["0077"] and s["SystemCallFilter"] == ["@system-service"]
+    assert s["SystemCallErrorNumber"] == ["EPERM"]
+
+
+def test_the_package_writes_no_sysctl():
+    # ProtectKernelTunables=yes makes /proc/sys read-only: nothing may need to write there
+    root = Path(__file__).parents[2] / "vipless_failover"
+    offenders = [str(p) for p in root.rglob("*.py") if "/proc/sys" in p.read_text()]
+    assert offenders == []
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_systemd_analyze_security_exposure_below_3(tmp_path):
+    daemon = Path(sys.executable).parent / "vipless-failoverd"
+    unit = tmp_path / "vipless-failoverd.service"
+    unit.write_text(UNIT.read_text().replace(SHIPPED_BIN, str(daemon)))
+    p = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for vipless-failoverd.service: (\d+\.\d+)", p.stdout)
+    assert m, p.stdout + p.stderr
+    assert float(m.group(1)) < 3.0, p.stdout
+    # the figure the unit's header and docs/operations.md quote
+    assert f"rates it {m.group(1)}" in UNIT.read_text()
