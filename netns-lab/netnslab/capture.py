@@ -19,10 +19,11 @@ sender; any further change means the two nodes' master windows overlapped.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from . import topology
 
@@ -52,7 +53,7 @@ class Frame:
 class BridgeCapture:
     """``tcpdump -w`` on the lab bridge, in the lab's ``lan`` namespace."""
 
-    def __init__(self, lab: "topology.Lab", *, max_packets: int = 200_000, snaplen: int = 256,
+    def __init__(self, lab: topology.Lab, *, max_packets: int = 200_000, snaplen: int = 256,
                  filter: str = "", tag: str = "lan", rt_priority: int | None = None):
         self.lab = lab
         self.path = lab.workdir / f"capture-{tag}-{time.monotonic_ns()}.pcap"
@@ -62,7 +63,7 @@ class BridgeCapture:
         self.rt_priority = rt_priority
         self.proc: topology.Spawned | None = None
 
-    def start(self, timeout: float = 10.0) -> "BridgeCapture":
+    def start(self, timeout: float = 10.0) -> BridgeCapture:
         args = ["tcpdump", "-i", self.lab.link("br0"), "-w", str(self.path), "-U", "-n",
                 "-s", str(self.snaplen), "-c", str(self.max_packets), "-B", "8192"]
         if self.filter:
@@ -92,7 +93,7 @@ class BridgeCapture:
             self.proc = None
         return self.path
 
-    def __enter__(self) -> "BridgeCapture":
+    def __enter__(self) -> BridgeCapture:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -154,7 +155,7 @@ def switches(frames: Sequence[Frame], after: float, before: float = float("inf")
     switch in the same window (A ... B ... A) means two nodes acted as master at once."""
     seq = sorted((f.t, f.node) for f in frames if after <= f.t < before and f.masterish and f.node)
     out: list[tuple[float, str, str]] = []
-    for (_t0, n0), (t1, n1) in zip(seq, seq[1:]):
+    for (_t0, n0), (t1, n1) in itertools.pairwise(seq):
         if n1 != n0:
             out.append((t1, str(n0), str(n1)))
     return out
@@ -169,4 +170,4 @@ def last_masterish(frames: Sequence[Frame], after: float, before: float = float(
 def advert_gaps(frames: Iterable[Frame], node: str, *, state: str = "MASTER") -> list[tuple[float, float]]:
     """(time, gap seconds) between consecutive adverts of ``node`` in ``state``."""
     ts = sorted(f.t for f in frames if f.kind == "advert" and f.node == node and f.state == state)
-    return [(b, b - a) for a, b in zip(ts, ts[1:])]
+    return [(b, b - a) for a, b in itertools.pairwise(ts)]

@@ -66,6 +66,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([json.loads(s.to_json()) for s in labs], indent=2))
         return 0
+    if not labs:
+        print(f"no labs (none has a state file under {topology.STATE_DIR})")
+        return 0
     for s in labs:
         alive = sum(1 for p in s.processes if topology._proc_alive(int(p["pid"]), p.get("starttime")))
         print(f"{s.name}: {len(s.namespaces)} namespaces, {alive} processes running, workdir {s.workdir}")
@@ -74,8 +77,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _root()
-    print("netns-lab demo: two VIP-less directors elect a master; the master is killed "
-          "(SIGKILL); the client keeps sending requests to a VIP every 10 ms.")
+    vips = scenarios.ScenarioContext.targets
+    how = ("SIGKILL and its LAN link taken down (power loss)" if args.power_off else
+           "SIGKILL (add --power-off to take its LAN link down too)")
+    print(f"netns-lab demo: two VIP-less directors elect a master; the master is killed by {how}; "
+          f"the client keeps sending a UDP request to each of the VIPs {', '.join(vips)} every 10 ms.")
     res = scenarios.run_scenario("master-kill", interval_ms=args.interval_ms, say=print,
                                  announce_mode=args.announce_mode, power_off=args.power_off)
     print(res.line())

@@ -12,9 +12,10 @@ import copy
 import ipaddress
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import topology
 
@@ -49,7 +50,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def node_config(lab: "topology.Lab", director: str, settings: NodeSettings, *, key_file: Path,
+def node_config(lab: topology.Lab, director: str, settings: NodeSettings, *, key_file: Path,
                 control_socket: Path) -> dict[str, Any]:
     host = lab.director(director)
     addr = host.ip4 if settings.family == 4 else host.ip6

@@ -16,16 +16,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from . import configgen, topology
 from .configgen import NodeSettings
 
 #: states the daemon reports
 STATES = ("INIT", "BACKUP", "MASTER", "FAULT")
+#: how long one ``failoverctl`` call may take, interpreter start included: under QEMU's
+#: software emulation (the VM tier) a Python start alone can take seconds on a busy host
+CTL_TIMEOUT_S = 30.0 if os.environ.get("VIPLESS_IN_VM") == "1" else 10.0
 
 
 def _bin(name: str) -> str:
@@ -79,7 +83,7 @@ def parse_log(text: str) -> list[dict[str, Any]]:
 class Daemon:
     """One ``vipless-failoverd`` in a director namespace."""
 
-    def __init__(self, lab: "topology.Lab", director: str, settings: NodeSettings, key_file: Path,
+    def __init__(self, lab: topology.Lab, director: str, settings: NodeSettings, key_file: Path,
                  *, tag: str = ""):
         self.lab = lab
         self.director = director
@@ -93,6 +97,7 @@ class Daemon:
         self.log_path = self.dir / "daemon.log"
         self.proc: topology.Spawned | None = None
         self.starts = 0
+        self.last_status_error = ""  # why the last polled status read as unknown
         #: a command wrapper for the next start, e.g. ``["chrt", "-r", "10"]`` (how the
         #: systemd unit schedules the daemon); it must exec the daemon (same PID)
         self.command_prefix: list[str] = []
@@ -128,8 +133,8 @@ class Daemon:
                                 "start": self.starts + 1}) + "\n")
         self.starts += 1
         t = time.time()
-        self.proc = self.lab.spawn(self.director, [*self.command_prefix, _bin("vipless-failoverd"), "--config", str(self.config_path),
-                                                   "--log-format", "json"],
+        self.proc = self.lab.spawn(self.director, [*self.command_prefix, _bin("vipless-failoverd"),
+                                                   "--config", str(self.config_path), "--log-format", "json"],
                                    name=f"daemon-{self.tag}", log=self.log_path)
         return t
 
@@ -216,10 +221,34 @@ class Daemon:
             time.sleep(poll)
 
     # -- control ----------------------------------------------------------
-    def ctl(self, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-        """``failoverctl --config CFG args...`` (the control socket is a path: no netns needed)."""
+    def ctl(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """``failoverctl --config CFG args...`` (the control socket is a path: no netns needed).
+        ``timeout`` bounds the whole process (interpreter start included): by default
+        :data:`CTL_TIMEOUT_S`."""
         return subprocess.run([_bin("failoverctl"), "--config", str(self.config_path), *args],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=CTL_TIMEOUT_S if timeout is None else timeout)
+
+    def request(self, cmd: str, *, wait: float = 5.0, **fields: Any) -> dict[str, Any] | None:
+        """One request on the control socket from this process, the way ``failoverctl``
+        sends it (``{"cmd": ..., **fields}``; ``wait``: the socket timeout), without
+        starting an interpreter: the daemon's answer (``{"ok": ..., "data"|"error": ...}``),
+        or None if it is not reachable (between the two processes of a restart in place).
+
+        For an event that must land at a known moment inside a measurement: a fresh
+        ``failoverctl`` takes ~0.2 s to start on a host but 6-7 s in the TCG guest
+        (measured: the restart reached the daemon 6.4 s after the call, after the probe
+        window it was meant to fall in), and its start-up is CPU load the measurement
+        then sees."""
+        from vipless_failover.control import Unreachable, request
+        try:
+            return request(self.control_socket, {"cmd": cmd, **fields}, timeout=wait)
+        except Unreachable:
+            return None
+
+    def status_now(self) -> dict[str, Any] | None:
+        """The daemon's status through :meth:`request` (None: not reachable or refused)."""
+        resp = self.request("status")
+        return resp.get("data") if resp and resp.get("ok") else None
 
     def status(self) -> dict[str, Any] | None:
         """``failoverctl status --json``; None if the daemon is unreachable (exit 3)."""
@@ -233,6 +262,15 @@ class Daemon:
     def state(self) -> str | None:
         st = self.status()
         return None if st is None else str(st.get("state"))
+
+    def _state_or_none(self) -> str | None:
+        """:meth:`state` for polling loops: a status that fails or times out (a starting
+        daemon, an emulated guest) reads as not known yet; the loop's deadline decides."""
+        try:
+            return self.state()
+        except (topology.LabError, subprocess.TimeoutExpired, ValueError) as exc:
+            self.last_status_error = f"{type(exc).__name__}: {str(exc)[-300:]}"
+            return None
 
     def wait_state(self, state: str, timeout: float, poll: float = 0.05) -> dict[str, Any]:
         """Poll ``failoverctl status`` until the node reports ``state``; returns the status."""
@@ -258,7 +296,7 @@ class Daemon:
 class Cluster:
     """The daemons of a lab that share one key (by default: one per lab director)."""
 
-    def __init__(self, lab: "topology.Lab", settings: Mapping[str, NodeSettings] | None = None,
+    def __init__(self, lab: topology.Lab, settings: Mapping[str, NodeSettings] | None = None,
                  *, key: bytes | None = None):
         self.lab = lab
         self.key_file = configgen.write_key(lab.workdir / "cluster.key", key)
@@ -300,13 +338,16 @@ class Cluster:
             if dead and all(d.proc is not None and not d.running for d in self.daemons.values()):
                 raise topology.LabError("every daemon exited: " + "; ".join(
                     f"{d.tag} ({d.proc.popen.returncode}): {d.log_text()[-800:]}" for d in dead if d.proc))
-            states = {d.tag: (d.state() if d.running else "STOPPED") for d in self.daemons.values()}
+            states = {d.tag: (d._state_or_none() if d.running else "STOPPED") for d in self.daemons.values()}
             masters = [t for t, s in states.items() if s == "MASTER"]
             others_ok = all(s in ("BACKUP", "STOPPED") for t, s in states.items() if t not in masters)
             if len(masters) == 1 and others_ok and master in (None, masters[0]):
                 return self.daemons[masters[0]]
             if time.monotonic() > deadline:
-                raise topology.LabError(f"no single master within {timeout}s: {states}")
+                tails = "; ".join(f"{d.tag} (status: {d.last_status_error}) log: {d.log_text()[-1500:]}"
+                                  for d in self.daemons.values() if states.get(d.tag) not in ("MASTER", "BACKUP"))
+                raise topology.LabError(f"no single master within {timeout}s: {states}"
+                                        + (f"; {tails}" if tails else ""))
             time.sleep(0.05)
 
     def states(self) -> dict[str, str | None]:

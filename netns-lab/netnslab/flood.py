@@ -8,7 +8,14 @@ judge it). Three kinds, interleaved:
 * ``wrong_key``: well-formed adverts (MASTER, priority 254, increasing counters,
   named like the real nodes) authenticated with a random key;
 * ``replay``: the exact bytes of real adverts captured on the LAN before the flood;
-* ``malformed``: bad magic, truncated, over-long, and bit-flipped real adverts.
+* ``malformed``: bad magic, truncated, over-long, and bit-flipped real adverts;
+* ``given``: payloads given on the command line (``--payload HEX``), e.g. one advert
+  forged with the cluster key.
+
+``--kinds`` picks some of them (default: every kind available). ``--kinds replay``
+alone sends the capture's adverts in their captured order (cycled past its end), so
+with ``--count`` = the adverts captured and ``--duration`` = the capture's length it
+replays the capture at its own pace.
 
 Bounded: at most ``--count`` frames (<= 1,000,000) within ``--duration`` seconds
 (<= 60), paced evenly. Prints JSON: frames sent per kind and the elapsed time.
@@ -95,21 +102,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=100_000)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--replay", help="pcap with real adverts to replay")
+    ap.add_argument("--payload", action="append", default=[], metavar="HEX",
+                    help="a UDP payload to send (kind 'given'; repeatable)")
+    ap.add_argument("--kinds", help="comma-separated kinds to send (wrong_key, replay, malformed, given); "
+                                    "default: all available")
     args = ap.parse_args(argv)
     if not 1 <= args.count <= MAX_COUNT:
         ap.error(f"count must be 1..{MAX_COUNT}")
     if not 0 < args.duration <= MAX_DURATION_S:
         ap.error(f"duration must be 0..{MAX_DURATION_S}")
-    if not ipaddress.ip_address(args.group).is_multicast or not ipaddress.ip_address(args.src_ip) in \
-            ipaddress.ip_network("192.0.2.0/24"):
+    if (not ipaddress.ip_address(args.group).is_multicast
+            or ipaddress.ip_address(args.src_ip) not in ipaddress.ip_network("192.0.2.0/24")):
         ap.error("group must be multicast and src-ip inside 192.0.2.0/24 (documentation range)")
     replay = replay_payloads(args.replay, args.port) if args.replay else []
+    if args.replay and not replay:
+        ap.error(f"no adverts to port {args.port} in {args.replay}")
+    try:
+        given = [bytes.fromhex(h) for h in args.payload]
+    except ValueError as exc:
+        ap.error(f"--payload: {exc}")
+    kinds = payloads(200, args.cluster_id, replay)
+    if given:
+        kinds["given"] = [given[i % len(given)] for i in range(200)]
+    if args.kinds:
+        wanted = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        unknown = [k for k in wanted if k not in kinds]
+        if unknown or not wanted:
+            ap.error(f"--kinds: {', '.join(unknown) or 'none given'} not available (have {', '.join(kinds)})")
+        kinds = {k: kinds[k] for k in wanted}
+    if list(kinds) == ["replay"]:
+        kinds = {"replay": replay}  # the whole capture, in order
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.bind((args.iface, 0))
     src_mac = ":".join(f"{b:02x}" for b in sock.getsockname()[4][:6])
-    kinds = payloads(200, args.cluster_id, replay)
     frames = [(k, _frame(args.dst_mac, src_mac, args.src_ip, args.group, args.port, p))
-              for i in range(200) for k, ps in kinds.items() for p in (ps[i],)]
+              for i in range(min(map(len, kinds.values()))) for k, ps in kinds.items() for p in (ps[i],)]
     sent = {k: 0 for k in kinds}
     errors = 0
     t0 = time.monotonic()

@@ -3,7 +3,7 @@
     python -m netnslab.hog --seconds 20 [--procs N]
 
 Each child spins (no sleep, no syscall) until its deadline; the parent waits for them
-and prints how many ran. Bounded: at most 300 s and 64 processes; a child that
+and prints how many ran. Bounded: at most 900 s and 64 processes; a child that
 outlives its deadline by a second is killed by the parent.
 """
 
@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-MAX_SECONDS = 300.0
+MAX_SECONDS = 900.0  # the no-rt bench figure hogs for 10 minutes
 MAX_PROCS = 64
 
 

@@ -22,9 +22,10 @@ import json
 import socket
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 MAX_COUNT = 1_000_000
 MAX_DURATION_S = 600.0
@@ -43,7 +44,7 @@ class Probe:
 
 
 class _UdpStream(asyncio.DatagramProtocol):
-    def __init__(self, prober: "Prober", target: str):
+    def __init__(self, prober: Prober, target: str):
         self.prober = prober
         self.target = target
         self.transport: asyncio.DatagramTransport | None = None

@@ -5,8 +5,9 @@ name with :func:`scenario`. The context holds a built lab, the running cluster a
 ``say`` callback for narration; the result carries the one-line summary (outage ms,
 lost requests, end state) and whether it met its bound.
 
-:data:`ALL` lists the eleven scenarios of issue 6 in order (``netns-lab scenario all``);
-``master-kill`` (the demo: SIGKILL alone, optional power-off) is registered too. Every
+:data:`ALL` lists the eleven scenarios of issue 6 in order, then the three pause cases of
+issue 13 (``netns-lab scenario all``); ``master-kill`` (the demo: SIGKILL alone,
+optional power-off) is registered too. Every
 scenario ends with :func:`check_end`: exactly one master, the router's neighbour
 entries of the VIPs point at its MAC, and every other running director has no delivery
 rule, does not treat a VIP as local and is not announcing. :func:`run_scenario` builds
@@ -19,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import capture, prober, topology
 from .configgen import NodeSettings
@@ -63,15 +66,21 @@ DESCRIPTIONS: dict[str, str] = {}
 SETTINGS: dict[str, Callable[[topology.Lab, int], dict[str, NodeSettings]]] = {}
 #: per scenario: called with the cluster before it is started (e.g. a command prefix)
 PREPARE: dict[str, Callable[[Cluster], None]] = {}
-#: the eleven scenarios of issue 6, in order (``netns-lab scenario all``)
+#: per scenario: an advert interval it always runs at, whatever is asked (ms)
+INTERVALS: dict[str, int] = {}
+#: the eleven scenarios of issue 6, then the pause cases of issue 13, in order
+#: (``netns-lab scenario all``)
 ALL: list[str] = []
 
 
 def scenario(name: str, description: str, *, settings: Callable[[topology.Lab, int], dict[str, NodeSettings]]
-             | None = None, prepare: Callable[[Cluster], None] | None = None, listed: bool = True):
+             | None = None, prepare: Callable[[Cluster], None] | None = None, listed: bool = True,
+             interval_ms: int | None = None):
     def register(fn: Callable[[ScenarioContext], ScenarioResult]):
         SCENARIOS[name] = fn
         DESCRIPTIONS[name] = description
+        if interval_ms is not None:
+            INTERVALS[name] = interval_ms
         if settings is not None:
             SETTINGS[name] = settings
         if prepare is not None:
@@ -341,7 +350,8 @@ def _result(name: str, checks: dict[str, bool], res: dict[str, Any] | None, end:
             outage_ms = res["summary"]["outage_ms"]
     if lost is None:
         lost = res["summary"]["lost"] if res is not None else 0
-    return ScenarioResult(name, not failed, outage_ms, lost, end + ("" if not failed else f" [failed: {', '.join(failed)}]"),
+    return ScenarioResult(name, not failed, outage_ms, lost,
+                          end + ("" if not failed else f" [failed: {', '.join(failed)}]"),
                           bound_ms=bound_ms, details=details)
 
 
@@ -356,14 +366,16 @@ def crash(ctx: ScenarioContext) -> ScenarioResult:
 
     # SIGKILL alone leaves the dead master's delivery rules: its kernel keeps answering
     # (no outage to measure). A crashed director is modelled as link down + SIGKILL.
-    res, t_kill = probe_around(ctx, lambda: power_off(ctx.lab, master), lead_s=1.0, duration_s=3.0, tcp=True, targets=ALL_VIPS)
+    res, t_kill = probe_around(ctx, lambda: power_off(ctx.lab, master), lead_s=1.0, duration_s=3.0, tcp=True,
+                               targets=ALL_VIPS)
     takeover = backup.wait_transition("MASTER", 5, after=t_kill - 0.001)
     takeover_ms = (event_time(takeover) - t_kill) * 1000  # type: ignore[operator]
     bound = crash_bound_ms(ctx.interval_ms, backup.settings.priority)
     ok_end, end, det = check_end(ctx, backup)
     outage = res["summary"]["outage_ms"]
     seen = prober.after_event(res, t_kill)
-    ctx.say(f"{master.tag}'s link taken down and daemon SIGKILLed at t=0; {backup.tag} MASTER at +{takeover_ms:.0f} ms; "
+    ctx.say(f"{master.tag}'s link taken down and daemon SIGKILLed at t=0; "
+            f"{backup.tag} MASTER at +{takeover_ms:.0f} ms; "
             f"client outage {outage:.0f} ms (bound {bound:.0f}), lost {res['summary']['lost']}")
     return _result("crash", {
         "takeover_within_bound": takeover_ms <= bound - ANNOUNCE_ALLOWANCE_MS,
@@ -492,7 +504,8 @@ def handover(ctx: ScenarioContext) -> ScenarioResult:
     lost_udp = udp_lost(res)
     ctx.say(f"demote (rc {r1.returncode}), promote (rc {r2.returncode}), SIGTERM: UDP lost {lost_udp}, "
             f"TCP lost {res['summary']['lost'] - lost_udp}; master-only frames switched sender "
-            + ", ".join(f"{k}: {[(round(t - windows[k][0] - lead, 3), f, to) for t, f, to in v]}" for k, v in sw.items()))
+            + ", ".join(f"{k}: {[(round(t - windows[k][0] - lead, 3), f, to) for t, f, to in v]}"
+                        for k, v in sw.items()))
     return _result("handover", {
         "commands_ok": r1.returncode == 0 and r2.returncode == 0,
         "no_udp_lost": lost_udp == 0,
@@ -543,7 +556,8 @@ def partition(ctx: ScenarioContext) -> ScenarioResult:
     logged = {d.tag: sum(1 for e in d.events(current_run=True) if e.get("event") == "split_brain")
               for d in ctx.cluster}
     metric = {d.tag: next((line.split()[-1] for line in _scrape(ctx.lab, d.director).splitlines()
-                           if line.startswith("vipless_failover_split_brain_episodes_total")), None) for d in ctx.cluster}
+                           if line.startswith("vipless_failover_split_brain_episodes_total")), None)
+              for d in ctx.cluster}
     lost_heal = udp_lost(res, after=t_heal)
     ctx.say(f"partition at t=0: states {both}; healed at +{t_heal - t_part:.1f} s; split-brain notices {notices}, "
             f"log events {logged}, metric episodes {metric}; UDP lost after heal {lost_heal}")
@@ -857,7 +871,7 @@ def wipe_kernel_state(lab: topology.Lab, director: str, table: int = 100, protoc
 
 @scenario("pair-restart", "10. both directors restart at once: one master within master-down + 1 s")
 def pair_restart(ctx: ScenarioContext) -> ScenarioResult:
-    a, b = pair(ctx)
+    a, _b = pair(ctx)
     warm_up(ctx)
     for d in ctx.cluster:  # power loss of the pair
         d.kill()
@@ -903,6 +917,24 @@ def _rt_daemons(cluster: Cluster) -> None:
 @scenario("starvation", f"11. CPU hog on all cores ({HOG_S:.0f} s) at normal priority; daemons at SCHED_RR 10",
           prepare=_rt_daemons)
 def starvation(ctx: ScenarioContext) -> ScenarioResult:
+    return _starvation(ctx, "starvation", "no_advert_late_by_more_than_interval")
+
+
+#: adverts of the variant without real-time priority (ms): the shortest the daemon takes
+NO_RT_INTERVAL_MS = 10
+
+
+@scenario("starvation-no-rt", f"11b. the same hog at {NO_RT_INTERVAL_MS} ms adverts, daemons at normal priority "
+          "(SCHED_OTHER, as outside the unit)", interval_ms=NO_RT_INTERVAL_MS)
+def starvation_no_rt(ctx: ScenarioContext) -> ScenarioResult:
+    return _starvation(ctx, "starvation-no-rt", "no_advert_later_than_master_down")
+
+
+def _starvation(ctx: ScenarioContext, name: str, gap_check: str) -> ScenarioResult:
+    """The hog, the master's adverts on the wire, the backup's view. ``gap_check``:
+    ``no_advert_late_by_more_than_interval`` (gap <= 2 x interval) or
+    ``no_advert_later_than_master_down`` (gap <= the backup's master-down interval: what
+    a false failover needs)."""
     a, b = pair(ctx)
     warm_up(ctx)
     # the client and the service stand-ins model other machines / the kernel's IPVS:
@@ -933,20 +965,248 @@ def starvation(ctx: ScenarioContext) -> ScenarioResult:
     worst = max((g for _t, g in gaps), default=None)
     moves = {d.tag: transitions_between(d, t_h) for d in (a, b)}
     ok_end, end, det = check_end(ctx, a)
-    limit = 2 * ctx.interval_ms / 1000  # late by at most one interval
+    limit = (2 * ctx.interval_ms / 1000 if gap_check == "no_advert_late_by_more_than_interval"
+             else master_down_ms(ctx.interval_ms, b.settings.priority) / 1000)
+    scheduling = {d.tag: (d.status() or {}).get("scheduling") for d in (a, b)}
     end += f"; worst advert gap {(worst or 0) * 1000:.0f} ms (limit {limit * 1000:.0f})"
     ctx.say(f"hog {HOG_S:.0f} s on {os.cpu_count()} cores: {len(gaps)} master adverts, worst gap "
             f"{(worst or 0) * 1000:.0f} ms (limit {limit * 1000:.0f}), peer last seen at most "
-            f"{max(last_seen, default=-1):.3f} s; transitions {moves}; UDP lost {udp_lost(res)}")
-    return _result("starvation", {
+            f"{max(last_seen, default=-1):.3f} s; transitions {moves}; UDP lost {udp_lost(res)}; "
+            f"scheduling {scheduling}")
+    return _result(name, {
         "adverts_seen": len(gaps) >= HOG_S * 1000 / ctx.interval_ms * 0.9,
-        "no_advert_late_by_more_than_interval": worst is not None and worst <= limit,
+        gap_check: worst is not None and worst <= limit,
         "no_failover": not any(moves.values()),
         "no_udp_lost": udp_lost(res) == 0,
         "end_state": ok_end,
     }, res, end, None, {**det, "worst_gap_ms": None if worst is None else round(worst * 1000, 1),
                         "gap_limit_ms": limit * 1000, "max_last_seen_s": max(last_seen, default=None),
-                        "adverts": len(gaps)})
+                        "adverts": len(gaps), "scheduling": scheduling})
+
+
+# ---------------------------------------------------------------------------
+# 12-14. stopped processes (issue 13): SIGSTOP, then SIGCONT
+#
+# A stopped daemon's socket keeps receiving; on SIGCONT it must read what waited (with
+# the kernel's receive times) before it acts on a timer that expired meanwhile.
+
+#: how long the backup is stopped, one after the other
+BACKUP_PAUSES_S = (0.25, 0.5, 1.0, 3.0)
+#: how long the master is stopped
+MASTER_PAUSES_S = (1.0, 3.0)
+#: how long the successor is stopped around a demote (sent HANDOVER_LEAD_S after SIGSTOP)
+HANDOVER_PAUSES_S = (0.25, 0.5)
+HANDOVER_LEAD_S = 0.05
+#: a master that learns of a returned higher-priority master steps down on its next
+#: input: frames of its already on their way by then are no flap
+REACTION_S = 0.02
+
+
+def sigstop_for(d: Daemon, seconds: float) -> tuple[float, float]:
+    """SIGSTOP ``d`` for ``seconds``, then SIGCONT (always); returns both unix times."""
+    t_stop = d.signal(signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        t_cont = d.signal(signal.SIGCONT)
+    return t_stop, t_cont
+
+
+class ControlCall:
+    """One control request on a connection opened beforehand, sent at the moment the
+    scenario chooses (failoverctl's own start-up takes a few hundred ms)."""
+
+    def __init__(self, d: Daemon, timeout: float = 20.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(d.control_socket))
+
+    def send(self, req: dict[str, Any]) -> float:
+        t = time.time()
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        return t
+
+    def reply(self) -> dict[str, Any]:
+        buf = b""
+        try:
+            while b"\n" not in buf and len(buf) < 65536:  # bounded: size, and the socket timeout
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+        finally:
+            self.sock.close()
+        return json.loads(buf.partition(b"\n")[0] or b"{}")
+
+
+def masterish_of(frames: Sequence[capture.Frame], node: str, after: float, before: float = float("inf")) -> list[float]:
+    return sorted(f.t for f in frames if f.node == node and f.masterish and after <= f.t < before)
+
+
+@scenario("pause-backup", "12. backup SIGSTOPped 0.25, 0.5, 1 and 3 s: no takeover, no master frame from it")
+def pause_backup(ctx: ScenarioContext) -> ScenarioResult:
+    a, b = pair(ctx)
+    warm_up(ctx)
+    cap = start_capture(ctx)
+    stops: list[tuple[float, float]] = []
+    try:
+        run = start_probe(ctx, duration_s=sum(BACKUP_PAUSES_S) + len(BACKUP_PAUSES_S) * 1.0 + 2.0,
+                          tcp=False, targets=ALL_VIPS)
+        time.sleep(1.0)
+        for pause in BACKUP_PAUSES_S:
+            stops.append(sigstop_for(b, pause))
+            time.sleep(1.0)  # > master-down: a takeover on resume would show by now
+        res = run.result()
+    finally:
+        path = cap.stop()
+    frames = frames_of(ctx, path)
+    t0 = stops[0][0]
+    per_pause = {f"{p:g}s": {"b_transitions": transitions_between(b, t_stop, t_cont + 1.0),
+                             "b_master_frames": len(masterish_of(frames, b.tag, t_stop, t_cont + 1.0))}
+                 for p, (t_stop, t_cont) in zip(BACKUP_PAUSES_S, stops, strict=True)}
+    st = b.status() or {}
+    drained = (st.get("transport") or {}).get("drained")
+    ok_end, end, det = check_end(ctx, a)
+    ctx.say(f"{b.tag} stopped {', '.join(f'{p:g}' for p in BACKUP_PAUSES_S)} s in turn: "
+            + "; ".join(f"{k}: transitions {v['b_transitions']}, master frames {v['b_master_frames']}"
+                        for k, v in per_pause.items())
+            + f"; adverts it read before a timer after a pause: {drained}; UDP lost {udp_lost(res)}")
+    return _result("pause-backup", {
+        "no_takeover": not transitions_between(b, t0),
+        "no_master_frames_from_backup": not masterish_of(frames, b.tag, t0),
+        "master_unmoved": not transitions_between(a, t0),
+        "no_udp_lost": udp_lost(res) == 0,
+        "end_state": ok_end,
+    }, res, end, 0.0, {**det, "pauses": per_pause, "drained": drained})
+
+
+@scenario("pause-master", "13. master SIGSTOPped 1 and 3 s: backup takes over in bound; on SIGCONT one switch back")
+def pause_master(ctx: ScenarioContext) -> ScenarioResult:
+    a, b = pair(ctx)  # a: the higher priority
+    warm_up(ctx)
+    bound = crash_bound_ms(ctx.interval_ms, b.settings.priority)
+    cap = start_capture(ctx)
+    rounds: list[dict[str, Any]] = []
+    try:
+        run = start_probe(ctx, duration_s=sum(MASTER_PAUSES_S) + len(MASTER_PAUSES_S) * 1.5 + 2.0,
+                          tcp=True, targets=ALL_VIPS)
+        time.sleep(1.0)
+        for pause in MASTER_PAUSES_S:
+            t_stop, t_cont = sigstop_for(a, pause)
+            time.sleep(1.5)
+            rounds.append({"pause_s": pause, "t_stop": t_stop, "t_cont": t_cont, "t_end": time.time()})
+        res = run.result()
+    finally:
+        path = cap.stop()
+    frames = frames_of(ctx, path)
+    lead = 3 * ctx.interval_ms / 1000
+    checks: dict[str, bool] = {}
+    for r in rounds:
+        key = f"{r['pause_s']:g}s"
+        takeover = [t for e in b.transitions() if e.get("to") == "MASTER"
+                    and (t := event_time(e)) is not None and r["t_stop"] <= t < r["t_cont"]]
+        r["takeover_ms"] = round((takeover[0] - r["t_stop"]) * 1000, 1) if takeover else None
+        sw = capture.switches(frames, r["t_stop"] - lead, r["t_end"])
+        r["switches"] = [(round(t - r["t_stop"], 4), f, to) for t, f, to in sw]
+        back = masterish_of(frames, a.tag, r["t_cont"], r["t_end"])
+        r["transitions"] = {d.tag: transitions_between(d, r["t_stop"], r["t_end"]) for d in (a, b)}
+        checks[f"takeover_within_bound_{key}"] = (r["takeover_ms"] is not None
+                                                  and r["takeover_ms"] <= bound - ANNOUNCE_ALLOWANCE_MS)
+        # The election's rules: of two masters the higher priority stays (preempt or not),
+        # so the resumed a stays master and b yields. On the wire: the takeover (a -> b),
+        # then one switch back (b -> a) at a's first frame; b steps down on its next input,
+        # so a frame of b's already on its way within REACTION_S is no flap.
+        checks[f"one_switch_back_{key}"] = (
+            len(sw) >= 2 and (sw[0][1], sw[0][2]) == (a.tag, b.tag) and r["t_stop"] <= sw[0][0] < r["t_cont"]
+            and bool(back) and (sw[1][0], sw[1][1], sw[1][2]) == (back[0], b.tag, a.tag)
+            and all(t <= back[0] + REACTION_S for t, _f, _to in sw[2:])
+            and capture.last_masterish(frames, r["t_stop"], r["t_end"]) == a.tag)
+        checks[f"one_role_change_back_{key}"] = (r["transitions"][a.tag] == [] and [
+            (f, to) for f, to, _why in r["transitions"][b.tag]] == [("BACKUP", "MASTER"), ("MASTER", "BACKUP")])
+        checks[f"no_udp_lost_after_resume_{key}"] = udp_lost(res, after=r["t_cont"], before=r["t_end"]) == 0
+    ok_end, end, det = check_end(ctx, a)
+    checks["end_state"] = ok_end
+    ctx.say("; ".join(f"{a.tag} stopped {r['pause_s']:g} s: {b.tag} MASTER at +{r['takeover_ms']} ms "
+                      f"(bound {bound - ANNOUNCE_ALLOWANCE_MS:.0f}); master-only frames switched "
+                      f"{r['switches']}; transitions {r['transitions']}" for r in rounds)
+            + f"; UDP lost {udp_lost(res)}")
+    return _result("pause-master", checks, res, end, bound, {**det, "rounds": rounds})
+
+
+@scenario("pause-handover",
+          "14. successor SIGSTOPped 250 / 500 ms around a demote: one switch or none; demote tells which")
+def pause_handover(ctx: ScenarioContext) -> ScenarioResult:
+    a, b = pair(ctx)
+    warm_up(ctx)
+    cap = start_capture(ctx)
+    rounds: list[dict[str, Any]] = []
+    try:
+        run = start_probe(ctx, duration_s=len(HANDOVER_PAUSES_S) * 5.0 + 2.0, tcp=True, targets=ALL_VIPS)
+        time.sleep(1.0)
+        for pause in HANDOVER_PAUSES_S:
+            call = ControlCall(a)
+            time.sleep(0.3)
+            t_stop = b.signal(signal.SIGSTOP)
+            try:
+                time.sleep(HANDOVER_LEAD_S)
+                t_demote = call.send({"cmd": "demote"})
+                time.sleep(max(0.0, t_stop + pause - time.time()))
+            finally:
+                t_cont = b.signal(signal.SIGCONT)
+            reply = call.reply()
+            t_reply = time.time()
+            time.sleep(1.5)
+            t_end = time.time()
+            rounds.append({"pause_s": pause, "t_stop": t_stop, "t_demote": t_demote, "t_cont": t_cont,
+                           "t_end": t_end, "reply": reply, "reply_s": round(t_reply - t_demote, 3),
+                           "states": {d.tag: d.state() for d in (a, b)}})
+            if rounds[-1]["states"][b.tag] == "MASTER":  # back to a for the next round
+                b.ctl("demote")
+                ctx.cluster.wait_converged(5, master=a.tag)
+                time.sleep(1.0)
+        res = run.result()
+    finally:
+        path = cap.stop()
+    frames = frames_of(ctx, path)
+    lead = 3 * ctx.interval_ms / 1000
+    checks: dict[str, bool] = {}
+    for r in rounds:
+        key = f"{r['pause_s'] * 1000:g}ms"
+        sw = capture.switches(frames, r["t_stop"] - lead, r["t_end"])
+        r["switches"] = [(round(t - r["t_demote"], 4), f, to) for t, f, to in sw]
+        r["transitions"] = {d.tag: transitions_between(d, r["t_stop"], r["t_end"]) for d in (a, b)}
+        refused = [t for e in a.events(current_run=True) if e.get("event") == "command_refused"
+                   and (t := event_time(e)) is not None and r["t_demote"] <= t < r["t_end"]]
+        r["refused_ms"] = round((refused[0] - r["t_demote"]) * 1000, 1) if refused else None  # from a's log
+        ok = bool(r["reply"].get("ok"))
+        if ok:  # it says the hand-over happened: exactly one switch, to b, who stays master
+            truth = ([(f, to) for _t, f, to in sw] == [(a.tag, b.tag)]
+                     and capture.last_masterish(frames, r["t_stop"] - lead, r["t_end"]) == b.tag
+                     and (r["reply"].get("data") or {}).get("master") == b.tag
+                     and r["states"] == {a.tag: "BACKUP", b.tag: "MASTER"})
+        else:  # it says it failed: no switch at all, a master again, and it said so at once
+            truth = (sw == [] and r["states"] == {a.tag: "MASTER", b.tag: "BACKUP"}
+                     and "did not take over" in str(r["reply"].get("error"))
+                     and r["refused_ms"] is not None and r["refused_ms"] < 1000 and r["reply_s"] < 2.0
+                     and not any(to == "MASTER" for _f, to, _w in r["transitions"][b.tag]))
+        checks[f"demote_tells_the_truth_{key}"] = truth
+        # while the old master still offers (it takes back after its master-down interval,
+        # 341 ms here) the hand-over completes; after that it is refused and nothing moves
+        offer_s = master_down_ms(ctx.interval_ms, a.settings.priority) / 1000
+        r["offer_age_s"] = round(r["t_cont"] - r["t_demote"], 3)  # when b ran again
+        checks[f"outcome_{key}"] = ok == (r["offer_age_s"] < offer_s) or abs(r["offer_age_s"] - offer_s) <= 0.05
+    checks["no_udp_lost"] = udp_lost(res) == 0
+    ok_end, end, det = check_end(ctx, a if (a.status() or {}).get("state") == "MASTER" else b)
+    checks["end_state"] = ok_end
+    def outcome(r: dict[str, Any]) -> str:
+        return "ok" if r["reply"].get("ok") else f"refused at +{r['refused_ms']} ms"
+
+    ctx.say("; ".join(f"{b.tag} stopped {r['pause_s'] * 1000:g} ms, "
+                      f"demote sent +{(r['t_demote'] - r['t_stop']) * 1000:.0f} ms: "
+                      f"{outcome(r)} ({r['reply'].get('data') or r['reply'].get('error')}); "
+                      f"master-only frames switched {r['switches']}; transitions {r['transitions']}" for r in rounds)
+                 + f"; UDP lost {udp_lost(res)}")
+    return _result("pause-handover", checks, res, end, 0.0, {**det, "rounds": rounds})
 
 
 # ---------------------------------------------------------------------------
@@ -967,6 +1227,7 @@ def run_scenario(name: str, *, interval_ms: int = 100, say: Callable[[str], None
     """Build a lab, start the pair, run one scenario, tear everything down, and check
     that nothing of the lab is left."""
     fn = SCENARIOS[name]
+    interval_ms = INTERVALS.get(name, interval_ms)
     with topology.Lab(announce_mode=announce_mode) as lab:
         say(f"lab {lab.name}: client {lab.client.ip4} -- router -- LAN 192.0.2.0/24 -- "
             + ", ".join(f"{d.role} {d.ip4}" for d in lab.directors))

@@ -26,6 +26,7 @@ lists the namespaces, processes and files of a lab *before* they are created, so
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -37,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 STATE_DIR = Path(os.environ.get("NETNS_LAB_STATE_DIR", "/run/netns-lab"))
 NAME_RE = re.compile(r"^vf[a-z0-9]{1,6}$")
@@ -171,7 +173,7 @@ class LabState:
                            "info": self.info}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "LabState":
+    def from_json(cls, text: str) -> LabState:
         d = json.loads(text)
         return cls(name=d["name"], namespaces=list(d.get("namespaces", [])),
                    processes=list(d.get("processes", [])), workdir=d.get("workdir", ""),
@@ -253,7 +255,7 @@ class Lab:
         os.replace(tmp, state_path(self.name))
 
     # -- lifecycle --------------------------------------------------------
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         try:
             self.up()
         except BaseException:
@@ -264,7 +266,7 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
-    def up(self) -> "Lab":
+    def up(self) -> Lab:
         if state_path(self.name).exists():
             raise LabError(f"a lab named {self.name} exists ({state_path(self.name)}); "
                            f"`netns-lab down {self.name}` first")
@@ -414,7 +416,7 @@ class Lab:
         while pending:
             role = pending[0][len(self.prefix):]
             links = json.loads(self.ip(role, "-j", "link", "show").stdout)
-            down = [l["ifname"] for l in links if l["ifname"] != "lo" and l.get("operstate") != "UP"]
+            down = [link["ifname"] for link in links if link["ifname"] != "lo" and link.get("operstate") != "UP"]
             if not down:
                 pending.pop(0)
                 continue
@@ -450,14 +452,10 @@ class Lab:
 
         ``ip netns exec`` execs the command, so the recorded PID is the command's own:
         signals sent to it reach the program itself."""
-        out = open(log, "ab") if log is not None else subprocess.DEVNULL
-        try:
+        with open(log, "ab") if log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
             popen = subprocess.Popen(["ip", "netns", "exec", self.ns(role), *args], stdout=out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
-        finally:
-            if log is not None:
-                out.close()  # type: ignore[union-attr]
         sp = Spawned(name=name, ns=self.ns(role), popen=popen, starttime=_proc_starttime(popen.pid), log=log)
         self.processes.append(sp)
         self.state.processes.append({"name": name, "pid": sp.pid, "starttime": sp.starttime,

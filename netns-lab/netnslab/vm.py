@@ -13,7 +13,7 @@ stdout, and its exit status is vng's. See docs/vm-tier.md for what was measured.
 Requirements: root, ``qemu-system-x86_64``, a statically linked busybox
 (Debian: ``busybox-static``), ``/boot/vmlinuz-<ver>`` with ``/lib/modules/<ver>``
 (Debian: ``linux-image-amd64``), and virtme-ng in the venv that runs this code
-(``pip install virtme-ng``; extra ``vm`` of this project).
+(``pip install virtme-ng``; extra ``vm`` of vipless-failover's pyproject.toml).
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ def check_prerequisites(need_kernel: bool = True) -> list[str]:
         problems.append(f"virtme-ng's vng is not in {venv_bin()} (pip install virtme-ng)")
     if shutil.which("qemu-system-x86_64", path=path) is None:
         problems.append("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+    if shutil.which("file", path=path) is None and shutil.which("strings", path=path) is None:
+        problems.append("neither file nor strings found, virtme-ng needs one to read the kernel's "
+                        "version (apt-get install file)")
     if find_static_busybox(path) is None:
         problems.append("no statically linked busybox, virtme-ng needs one for its initramfs "
                         "(apt-get install busybox-static)")
@@ -120,7 +123,7 @@ def vng_command(command: str, kernel: Path, *, memory: str = DEFAULT_MEMORY,
             "--memory", memory, "--cpus", str(cpus)]
     if busybox:
         args += ["--busybox", busybox]
-    return args + ["--exec", command]
+    return [*args, "--exec", command]
 
 
 def run_in_vm(command: str, timeout_s: int, *, memory: str = DEFAULT_MEMORY, cpus: int = DEFAULT_CPUS,

@@ -46,7 +46,7 @@ def test_layout_directors_hold_no_vip_and_router_routes_vips_on_link(lab: Lab) -
     assert all(ns.startswith(lab.prefix) for ns in lab.state.namespaces)
     for ns in lab.state.namespaces:
         links = json.loads(topology.run(["ip", "-n", ns, "-j", "link", "show"]).stdout)
-        assert all(l["ifname"] == "lo" or l["ifname"].startswith(lab.prefix) for l in links)
+        assert all(link["ifname"] == "lo" or link["ifname"].startswith(lab.prefix) for link in links)
 
 
 @pytest.mark.lab
@@ -111,13 +111,12 @@ def test_prober_sees_the_switch_between_directors(lab: Lab) -> None:
 @pytest.mark.lab
 def test_teardown_leaves_nothing_even_on_failure(lab_required: None) -> None:
     lab = Lab()
-    with pytest.raises(RuntimeError, match="boom"):
-        with lab:
-            assert all(ns in _netns_names() for ns in lab.state.namespaces)
-            responder_pids = [p.pid for p in lab.processes]
-            assert len(responder_pids) == 2
-            workdir = lab.workdir
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), lab:
+        assert all(ns in _netns_names() for ns in lab.state.namespaces)
+        responder_pids = [p.pid for p in lab.processes]
+        assert len(responder_pids) == 2
+        workdir = lab.workdir
+        raise RuntimeError("boom")
     assert not [n for n in _netns_names() if n.startswith(lab.prefix)]
     assert not topology.state_path(lab.name).exists()
     assert not workdir.exists()
@@ -201,8 +200,14 @@ def test_prober_refuses_unbounded_runs() -> None:
 
 @pytest.mark.lab
 def test_a_second_lab_with_a_taken_name_refuses_and_leaves_the_first_intact(lab: Lab) -> None:
-    with pytest.raises(topology.LabError, match="exists"):
-        with Lab(lab.name):
-            pass
+    with pytest.raises(topology.LabError, match="exists"), Lab(lab.name):
+        pass
     assert topology.state_path(lab.name).exists()
     assert all(ns in _netns_names() for ns in lab.state.namespaces)
+
+
+def test_list_says_so_when_there_is_no_lab(tmp_path, monkeypatch, capsys) -> None:
+    from netnslab import cli
+    monkeypatch.setattr(topology, "STATE_DIR", tmp_path / "none")
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().out.startswith("no labs (none has a state file under ")

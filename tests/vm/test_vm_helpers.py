@@ -35,3 +35,14 @@ def test_static_elf_check(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(b"#!/bin/sh\n")
     assert not vm._is_static(str(junk))
+
+
+def test_prerequisites_name_file_for_virtme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # virtme-ng reads the kernel's version with `file` (or `strings`): a bare Debian
+    # has neither, and the user got a traceback from inside virtme instead of this
+    monkeypatch.setenv("PATH", str(tmp_path))
+    problems = vm.check_prerequisites(need_kernel=False)
+    assert any("apt-get install file" in p for p in problems), problems
+    (tmp_path / "file").write_text("#!/bin/sh\n")
+    (tmp_path / "file").chmod(0o755)
+    assert not any("apt-get install file" in p for p in vm.check_prerequisites(need_kernel=False))

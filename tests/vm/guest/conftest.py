@@ -12,12 +12,13 @@ import os
 import secrets
 import signal
 import subprocess
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 
-def sh(*args: str, check: bool = True, timeout: float = 30.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def sh(*args: str, check: bool = True, timeout: float = 30.0,
+       input: str | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")

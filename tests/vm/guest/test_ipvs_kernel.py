@@ -11,9 +11,15 @@ import pytest
 
 from vipless_failover import config
 from vipless_failover.dataplane import ipvs
-from vipless_failover.dataplane.ipvs import (
-    AddService, DeleteService, EditDest, EditService, IpvsError, IpvsServices, IpvsServiceState,
-    IpvsState, desired_ipvs,
+from vipless_failover.dataplane.ipvs import IpvsError, IpvsServices
+from vipless_failover.dataplane.ipvs_plan import (
+    AddService,
+    DeleteService,
+    EditDest,
+    EditService,
+    IpvsServiceState,
+    IpvsState,
+    desired_ipvs,
 )
 
 from .conftest import Namespaces, ipvsadm_ln, nsexec, sh
