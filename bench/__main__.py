@@ -1,16 +1,20 @@
 """``python -m bench``: vipless-failover and keepalived side by side, in one run (root).
 
     python -m bench [--trials 10] [--sizes 1,1024,16384,65536]
-                    [--figures crash,graceful,flood,cost,scale,soak] [--out bench/results]
-                    [--cost-window 20] [--soak-min 30] [--soak-sample 30] [--quick] [--merge]
+                    [--figures crash,graceful,flood,cost,scale,soak,no-rt] [--out bench/results]
+                    [--cost-window 20] [--soak-min 30] [--soak-sample 30] [--no-rt-min 10]
+                    [--quick] [--merge]
                     [--report-only]
 
 Every figure of issue 7, each with ``--trials`` trials per daemon interleaved (ours,
 keepalived, ours, keepalived ...) in namespace labs of netnslab; every trial has a time
 bound and a bound hit is reported as such. The soak runs both daemons idle side by side
-for ``--soak-min`` minutes and follows their memory. Writes ``results.json`` (every trial, after
-each figure), ``results.md`` (the table, also printed), ``machine.txt`` and PNG plots to
-``--out``. ``--quick`` is a smoke run (2 trials, small sizes, short windows).
+for ``--soak-min`` minutes and follows their memory. ``no-rt`` (issue 19, not in the
+default set: 2 x ``--trials`` x ``--no-rt-min`` minutes) runs each pair at 10 ms adverts
+without real-time priority under a CPU hog on every core (:mod:`bench.no_rt`).
+Writes ``results.json`` (every trial, after each figure), ``results.md`` (the table,
+also printed), ``machine.txt`` and PNG plots to ``--out``. ``--quick`` is a smoke run
+(2 trials, small sizes, short windows).
 ``--merge`` with a subset of ``--figures`` keeps the other figures' trials of the
 existing ``results.json`` and replaces only the figures run.
 """
@@ -25,17 +29,17 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from netnslab import topology
 
-from . import report
-from . import scenarios as S
+from . import no_rt, report, scenarios as S
 from .keepalived import KEEPALIVED
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("crash", "graceful", "flood", "cost", "scale", "soak")
+FIGURES = ("crash", "graceful", "flood", "cost", "scale", "soak", "no-rt")
 
 
 def machine_info() -> dict[str, str]:
@@ -166,6 +170,15 @@ def fig_flood(run: Run) -> None:
     run.save()
 
 
+def fig_no_rt(run: Run, minutes: float) -> None:
+    for interval_ms in no_rt.INTERVALS:
+        for i in range(run.n):
+            for kind in S.DAEMONS:
+                run.safe("no-rt", f"{interval_ms} ms adverts, SCHED_OTHER, hog on every core", kind, i,
+                         lambda: no_rt.no_rt_trial(kind, i, interval_ms, minutes * 60))
+                run.save()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10)
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak-min", type=float, default=30.0,
                     help="minutes of the soak: both daemons idle side by side, RSS sampled (default 30)")
     ap.add_argument("--soak-sample", type=float, default=30.0, help="seconds between soak samples (default 30)")
+    ap.add_argument("--no-rt-min", type=float, default=10.0,
+                    help="minutes of CPU hog per no-rt trial (default 10)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
     ap.add_argument("--merge", action="store_true",
                     help="keep the trials of the figures not in --figures from the existing results.json in "
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.trials, sizes, args.cost_window = 2, [s for s in sizes if s <= 1024] or [1], 3.0
-        args.soak_min, args.soak_sample = 2.0, 10.0
+        args.soak_min, args.soak_sample, args.no_rt_min = 2.0, 10.0, 0.5
     run = Run(out, args.trials)
     figures = args.figures.split(",")
     unknown = [f for f in figures if f not in FIGURES]
@@ -240,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 fig_flood(run)
             elif fig == "soak":
                 fig_soak(run, args.soak_min, args.soak_sample, settle_s)
+            elif fig == "no-rt":
+                fig_no_rt(run, args.no_rt_min)
         info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
         (out / "machine.json").write_text(json.dumps(info, indent=1))
         (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")

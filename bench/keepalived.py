@@ -24,9 +24,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from netnslab import topology
 
@@ -224,12 +224,12 @@ class Keepalived:
 
     # -- log -------------------------------------------------------------------------
     def log_text(self) -> str:
-        return "\n".join(l.text for l in self.lines)
+        return "\n".join(line.text for line in self.lines)
 
     def find(self, needle: str, after: float | None = None) -> LogLine | None:
-        for l in list(self.lines):
-            if needle in l.text and (after is None or l.t >= after):
-                return l
+        for line in list(self.lines):
+            if needle in line.text and (after is None or line.t >= after):
+                return line
         return None
 
     def wait_log(self, needle: str, timeout: float, after: float | None = None) -> LogLine:
@@ -247,10 +247,10 @@ class Keepalived:
 
     def state(self) -> str | None:
         """MASTER / BACKUP / FAULT from the last state line of the log (None if none)."""
-        for l in reversed(list(self.lines)):
+        for line in reversed(list(self.lines)):
             for word, st in (("Entering MASTER STATE", "MASTER"), ("Entering BACKUP STATE", "BACKUP"),
                              ("Entering FAULT STATE", "FAULT")):
-                if word in l.text:
+                if word in line.text:
                     return st
         return None
 

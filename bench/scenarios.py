@@ -24,17 +24,18 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from netnslab import prober, topology
 from netnslab.configgen import NodeSettings
 from netnslab.daemons import Cluster, event_time, master_down_ms
 from netnslab.scenarios import _wait_started
-
-from vipless_failover.announce import in_netns
-from vipless_failover.dataplane.rules import parse_acks
+from vipless_failover.dataplane import nlcodec
+from vipless_failover.dataplane.nlcodec import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE
+from vipless_failover.netns import in_netns
 
 from .keepalived import KaSettings, Keepalived, addresses_added
 
@@ -272,11 +273,10 @@ class LinkCutter:
     def down(self) -> float:
         """The port down; returns the unix time the kernel acknowledged it."""
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, self.index, 0, self.IFF_UP)  # ifinfomsg
-        hdr = struct.pack("=IHHII", 16 + len(body), self.RTM_NEWLINK, 0x1 | 0x4, 1, 0)  # REQUEST | ACK
-        self.sock.send(hdr + body)
+        self.sock.send(nlcodec.encode(self.RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, body))
         ack = self.sock.recv(4096)
         t = time.time()
-        err = parse_acks(ack).get(1, 0)
+        err = nlcodec.parse_acks(ack).get(1, 0)
         if err:
             raise OSError(err, f"link down of ifindex {self.index}: {os.strerror(err)}")
         return t
@@ -413,7 +413,7 @@ class WireWatch:
         while not self.stop_ev.is_set():
             try:
                 data, anc, _flags, addr = self.sock.recvmsg(128, cmsg_len)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 continue
@@ -592,34 +592,19 @@ def graceful_trial(kind: str, index: int, interval_ms: int, how: str, *, lab: to
 # ---------------------------------------------------------------------------
 # figure 3: takeover at scale (router's neighbour table is the judge)
 
-RTM_NEWNEIGH, RTM_GETNEIGH, NLM_F_REQUEST, NLM_F_DUMP, NLMSG_DONE = 28, 30, 1, 0x300, 3
+RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
 NDA_DST, NDA_LLADDR = 1, 2
 RTNLGRP_NEIGH = 3
 
 
 def _parse_neigh(buf: bytes) -> Iterator[tuple[bytes, bytes | None]]:
-    off = 0
-    n = len(buf)
-    while off + 16 <= n:
-        length, mtype = struct.unpack_from("=IH", buf, off)
-        if length < 16:
-            return
-        if mtype == RTM_NEWNEIGH:
-            a = off + 16 + 12
-            end = off + length
-            dst = mac = None
-            while a + 4 <= end:
-                alen, atype = struct.unpack_from("=HH", buf, a)
-                if alen < 4:
-                    break
-                if atype == NDA_DST:
-                    dst = buf[a + 4:a + alen]
-                elif atype == NDA_LLADDR:
-                    mac = buf[a + 4:a + alen]
-                a += (alen + 3) & ~3
-            if dst is not None:
-                yield dst, mac
-        off += (length + 3) & ~3
+    """(address, MAC or None) of each neighbour entry in a receive buffer."""
+    for msg in nlcodec.messages(buf):
+        if msg.type != RTM_NEWNEIGH:
+            continue
+        a = msg.attr_map(12)  # after struct ndmsg
+        if NDA_DST in a:
+            yield a[NDA_DST], a.get(NDA_LLADDR)
 
 
 class NeighWatch:
@@ -647,13 +632,12 @@ class NeighWatch:
     def dump(self) -> list[tuple[bytes, bytes | None]]:
         out = []
         for fam in (socket.AF_INET, socket.AF_INET6):
-            req = struct.pack("=IHHII", 16 + 12, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + \
-                struct.pack("=B3xiHBB", fam, 0, 0, 0, 0)
-            self.dump_sock.send(req)
+            ndmsg = struct.pack("=B3xiHBB", fam, 0, 0, 0, 0)
+            self.dump_sock.send(nlcodec.encode(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, 1, ndmsg))
             while True:
                 buf = self.dump_sock.recv(1 << 20)
                 out.extend(_parse_neigh(buf))
-                if struct.unpack_from("=IH", buf, 0)[1] == NLMSG_DONE or _has_done(buf):
+                if any(m.type == NLMSG_DONE for m in nlcodec.messages(buf)):
                     break
         return out
 
@@ -672,7 +656,7 @@ class NeighWatch:
         while not self.stop_ev.is_set() and self.done_at is None:
             try:
                 buf = self.mon.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:  # ENOBUFS: notifications lost; fall back to a dump
                 self.overflow = True
@@ -691,28 +675,6 @@ class NeighWatch:
         self.thread.join(timeout=2)
         self.mon.close()
         self.dump_sock.close()
-
-
-def _nl_messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
-    """(type, offset, length) of every netlink message in a receive buffer."""
-    off = 0
-    while off + 16 <= len(buf):
-        length, mtype = struct.unpack_from("=IH", buf, off)
-        if length < 16 or off + length > len(buf):
-            return
-        yield mtype, off, length
-        off += (length + 3) & ~3
-
-
-def _nl_attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of the rtnetlink attributes in ``buf[start:end]``."""
-    a = start
-    while a + 4 <= end:
-        alen, atype = struct.unpack_from("=HH", buf, a)
-        if alen < 4:
-            return
-        yield atype & 0x3FFF, buf[a + 4:a + alen]
-        a += (alen + 3) & ~3
 
 
 RTM_NEWADDR, RTM_NEWRULE = 20, 32
@@ -743,7 +705,7 @@ class _NetlinkWatch:
         while not self.stop_ev.is_set():
             try:
                 buf = self.sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:  # ENOBUFS: notifications were lost (flagged; counts may stay short)
                 self.overflow = True
@@ -777,16 +739,11 @@ class AddrWatch(_NetlinkWatch):
         super().__init__(ns, (1 << (RTNLGRP_IPV4_IFADDR - 1)) | (1 << (RTNLGRP_IPV6_IFADDR - 1)))
 
     def _handle(self, buf: bytes, t: float) -> None:
-        for mtype, off, length in _nl_messages(buf):
-            if mtype != RTM_NEWADDR:
+        for msg in nlcodec.messages(buf):
+            if msg.type != RTM_NEWADDR:
                 continue
-            addr = local = None
-            for atype, val in _nl_attrs(buf, off + 16 + 8, off + length):  # after struct ifaddrmsg
-                if atype == IFA_ADDRESS:
-                    addr = val
-                elif atype == IFA_LOCAL:
-                    local = val
-            key = bytes(buf[off + 16:off + 17]) + (local or addr or b"")
+            a = msg.attr_map(8)  # after struct ifaddrmsg
+            key = msg.payload[:1] + (a.get(IFA_LOCAL) or a.get(IFA_ADDRESS) or b"")  # ifa_family + address
             if key not in self.added and len(self.added) < WATCH_LIMIT:
                 self.added[key] = t
 
@@ -810,11 +767,11 @@ class RuleWatch(_NetlinkWatch):
         super().__init__(ns, (1 << (RTNLGRP_IPV4_RULE - 1)) | (1 << (RTNLGRP_IPV6_RULE - 1)))
 
     def _handle(self, buf: bytes, t: float) -> None:
-        for mtype, off, length in _nl_messages(buf):
-            if mtype != RTM_NEWRULE:
+        for msg in nlcodec.messages(buf):
+            if msg.type != RTM_NEWRULE:
                 continue
-            proto, table = None, buf[off + 16 + 4]  # struct fib_rule_hdr: table at byte 4
-            for atype, val in _nl_attrs(buf, off + 16 + 12, off + length):  # after fib_rule_hdr
+            proto, table = None, buf[msg.payload_offset + 4]  # struct fib_rule_hdr: table at byte 4
+            for atype, val in msg.attrs(12):  # after fib_rule_hdr
                 if atype == FRA_PROTOCOL and val:
                     proto = val[0]
                 elif atype == FRA_TABLE and len(val) >= 4:
@@ -845,18 +802,6 @@ def delivery_rules_of(config_path: Path) -> tuple[int, int, int]:
 
     cfg = vfconfig.load(config_path)
     return len(delivery_rules(cfg)), cfg.delivery.protocol, cfg.delivery.table
-
-
-def _has_done(buf: bytes) -> bool:
-    off = 0
-    while off + 16 <= len(buf):
-        length, mtype = struct.unpack_from("=IH", buf, off)
-        if mtype == NLMSG_DONE:
-            return True
-        if length < 16:
-            return False
-        off += (length + 3) & ~3
-    return False
 
 
 def resolve(lab: topology.Lab, addrs: Sequence[str], mac: str, timeout: float, pps: int = 20_000) -> list[str]:
