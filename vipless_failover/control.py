@@ -395,5 +395,9 @@ def request(path: Path | str, req: dict[str, Any], timeout: float = 5.0) -> dict
         return json.loads(buf)
     except TimeoutError:
         raise Unreachable(f"daemon at {path} did not answer within {timeout:g} s") from None
+    except (ConnectionResetError, BrokenPipeError):
+        # the daemon closed the socket with the request unread: it is stopping, or
+        # between the two processes of a restart in place
+        raise Unreachable(f"daemon at {path} closed the connection") from None
     finally:
         sock.close()

@@ -231,3 +231,32 @@ async def test_counters_for_status_and_metrics(make_server):
     assert c == {"refused": 0, "clients": 0, "rejected": {
         "too_many_clients": 0, "idle_timeout": 0, "request_too_large": 0, "slow_reader": 0, "bad_request": 0,
         "internal_error": 0}}
+
+
+def test_a_daemon_that_closes_with_the_request_unread_is_unreachable(tmp_path):
+    """What failoverctl sees while the daemon stops or restarts in place: the socket is
+    closed with its request unread (ECONNRESET on a Unix socket), exit 3, no traceback."""
+    import socket
+    import threading
+
+    from vipless_failover.control import Unreachable, request
+
+    path = tmp_path / "control.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def close_unread() -> None:
+        conn, _ = srv.accept()
+        while not conn.recv(1, socket.MSG_PEEK):  # the request is there, unread
+            pass
+        conn.close()
+
+    t = threading.Thread(target=close_unread)
+    t.start()
+    try:
+        with pytest.raises(Unreachable, match="closed the connection"):
+            request(path, {"cmd": "status"}, timeout=5)
+    finally:
+        t.join(5)
+        srv.close()
