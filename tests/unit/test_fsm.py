@@ -406,6 +406,27 @@ def test_restart_in_place_peers_hold_and_new_process_resumes():
     assert not [t for t, a in sim.transitions("b") if a.new is State.MASTER]
 
 
+def test_a_restarting_master_sends_nothing_after_its_restarting_advert():
+    """The process exits some time after Stop(restart) (its shutdown: hooks, sockets; seconds
+    on a loaded machine): its election must stay silent meanwhile. A regular advert sent
+    after the RESTARTING one cancelled the peer's hold, and the peer took over 0.4 s later
+    (seen in the VM tier)."""
+    sim = elected_pair()
+    sent = len(sim.adverts)
+    actions = sim.command("a", fsm.Stop(restart=True))
+    assert actions[-1] == fsm.Exit(restart=True)
+    assert sim["a"].election.finished and sim["a"].election.next_deadline() is None
+    sim["a"].exited = False  # still shutting down: its loop, timers and socket still run
+    sim.run_for(2.0)
+    assert [a.flags for _t, n, a in sim.adverts[sent:] if n == "a"] == [Flag.RESTARTING]
+    assert sim["b"].state is State.BACKUP
+    assert sim["a"].election.handle_command(fsm.Promote(), sim.now) == []
+    assert sim["a"].election.handle_timer(sim.now + 10) == []
+    sim["a"].exited = True
+    sim.run_for(5.0)
+    assert sim["b"].state is State.BACKUP and not [t for t, a in sim.transitions("b") if a.new is State.MASTER]
+
+
 def test_restart_hold_is_bounded():
     sim = elected_pair()
     sim.command("a", fsm.Stop(restart=True))

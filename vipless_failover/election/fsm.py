@@ -330,6 +330,10 @@ class Election:
         self.drain: Drain | None = None
         self.offer: Offer | None = None
         self.stopping = False
+        #: an Exit was returned: the process is leaving and this election is over; it
+        #: neither sends nor decides anything more (a restarting master's later advert
+        #: would cancel the hold its RESTARTING advert asked of the peers)
+        self.finished = False
         self.yielded = False  # handed over on request: do not preempt the new master
         self.started_at: float | None = None
         self.promote_until: float | None = None  # a promote is pending until then
@@ -356,6 +360,8 @@ class Election:
         return 3 * self.master_interval_ms / 1000.0 + self.skew()
 
     def next_deadline(self) -> float | None:
+        if self.finished:
+            return None
         times = [self.advert_at, self.master_down_at]
         if self.drain is not None:
             times.append(self._drain_end())
@@ -485,6 +491,22 @@ class Election:
                       handled_at: float | None = None) -> list[Action]:
         """An authentic, fresh advert from a peer (the decoder has checked it) that
         arrived at ``now`` and is handled at ``handled_at`` (default: ``now``)."""
+        return self._finish([] if self.finished else self._advert_in(msg, src, now, handled_at))
+
+    def handle_timer(self, now: float) -> list[Action]:
+        """The deadline of :meth:`next_deadline` was reached."""
+        return self._finish([] if self.finished else self._timer(now))
+
+    def handle_command(self, cmd: Command, now: float) -> list[Action]:
+        """A command (start, stop, operator commands, faults, priority)."""
+        return self._finish([] if self.finished else self._command(cmd, now))
+
+    def _finish(self, actions: list[Action]) -> list[Action]:
+        if any(isinstance(a, Exit) for a in actions):
+            self.finished = True
+        return actions
+
+    def _advert_in(self, msg: Advert, src: IPAddress, now: float, handled_at: float | None) -> list[Action]:
         if msg.node == self.p.node:
             return []
         late = handled_at is not None and handled_at > now
@@ -596,7 +618,7 @@ class Election:
         self.advert_at = now + self.interval
         return [*actions, self._advert(), StartAnnounce("reassert")]
 
-    def handle_timer(self, now: float) -> list[Action]:
+    def _timer(self, now: float) -> list[Action]:
         actions: list[Action] = []
         o = self.offer
         if o is not None and now >= o.decide_at:
@@ -646,7 +668,7 @@ class Election:
                 actions.append(self._advert())
         return actions
 
-    def handle_command(self, cmd: Command, now: float) -> list[Action]:
+    def _command(self, cmd: Command, now: float) -> list[Action]:
         match cmd:
             case Start(resume_master=resume):
                 if self.state is not State.INIT:
