@@ -1,7 +1,8 @@
 """The client's prober: a bounded stream of requests to VIPs, measured.
 
 Runs inside the client namespace. Every ``interval`` it sends one UDP request to each
-target (and, with ``--tcp``, opens one new TCP connection to each), until ``count``
+target (and, with ``--tcp``, opens one new TCP connection to each, every round or every
+``--tcp-every`` rounds), until ``count``
 rounds were sent or ``duration`` elapsed, whichever comes first; then it waits at most
 ``timeout`` for the last answers. Each probe records its send time (unix seconds),
 the director that answered (the responder's reply names it) and the RTT, or that it
@@ -61,7 +62,8 @@ class _UdpStream(asyncio.DatagramProtocol):
 
 class Prober:
     def __init__(self, targets: Sequence[str], port: int, interval_ms: float, count: int,
-                 duration_s: float, timeout_ms: float, tcp: bool = False, udp: bool = True):
+                 duration_s: float, timeout_ms: float, tcp: bool = False, udp: bool = True,
+                 tcp_every: int = 1):
         if interval_ms < 1:
             raise ValueError("interval must be >= 1 ms")
         if not 1 <= count <= MAX_COUNT:
@@ -72,6 +74,8 @@ class Prober:
             raise ValueError(f"timeout must be 0..{MAX_TIMEOUT_MS} ms")
         if not (tcp or udp):
             raise ValueError("nothing to probe: enable udp and/or tcp")
+        if not 1 <= tcp_every <= MAX_COUNT:
+            raise ValueError(f"tcp-every must be 1..{MAX_COUNT}")
         self.targets = [str(ipaddress.ip_address(t)) for t in targets]
         self.port = port
         self.interval = interval_ms / 1000
@@ -79,6 +83,7 @@ class Prober:
         self.duration = duration_s
         self.timeout = timeout_ms / 1000
         self.tcp = tcp
+        self.tcp_every = tcp_every
         self.udp = udp
         self.probes: list[Probe] = []
         self.pending: dict[tuple[str, str, int], tuple[Probe, float]] = {}
@@ -153,7 +158,7 @@ class Prober:
                     stream.transport.sendto(f"udp {idx} {seq}".encode())
                 except OSError as exc:
                     probe.error = type(exc).__name__
-            if self.tcp:
+            if self.tcp and seq % self.tcp_every == 0:
                 for idx, t in enumerate(self.targets):
                     task = asyncio.create_task(self._tcp_probe(idx, t, seq))
                     tasks.add(task)
@@ -291,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="stop sending after this many seconds")
     ap.add_argument("--timeout-ms", type=float, default=500.0, help="a probe unanswered this long is lost")
     ap.add_argument("--tcp", action="store_true", help="also open one new TCP connection per target per round")
+    ap.add_argument("--tcp-every", type=int, default=1, metavar="N",
+                    help="with --tcp: a new TCP connection every N rounds only (default 1)")
     ap.add_argument("--no-udp", action="store_true")
     ap.add_argument("--out", help="write the JSON result here instead of stdout")
     args = ap.parse_args(argv)
     try:
         prober = Prober(args.targets, args.port, args.interval_ms, args.count, args.duration,
-                        args.timeout_ms, tcp=args.tcp, udp=not args.no_udp)
+                        args.timeout_ms, tcp=args.tcp, udp=not args.no_udp, tcp_every=args.tcp_every)
     except ValueError as exc:
         ap.error(str(exc))
     res = asyncio.run(prober.run())

@@ -116,7 +116,8 @@ class ProbeRun:
     """The prober running in the background in the client (bounded by count and time)."""
 
     def __init__(self, ctx: ScenarioContext, *, duration_s: float, interval_ms: float = 10.0, tcp: bool = False,
-                 targets: Sequence[str] | None = None, prefix: Sequence[str] = (), timeout_ms: float = 500.0):
+                 targets: Sequence[str] | None = None, prefix: Sequence[str] = (), timeout_ms: float = 500.0,
+                 tcp_every: int = 1):
         self.ctx = ctx
         self.duration_s = duration_s
         stamp = time.monotonic_ns()
@@ -124,7 +125,8 @@ class ProbeRun:
         count = int(duration_s * 1000 / interval_ms)
         self.sp = ctx.lab.start_prober(list(targets or ctx.targets), out=self.out, interval_ms=interval_ms,
                                        count=count, duration_s=duration_s, timeout_ms=timeout_ms, tcp=tcp,
-                                       log=ctx.lab.workdir / f"prober-{stamp}.log", prefix=prefix)
+                                       log=ctx.lab.workdir / f"prober-{stamp}.log", prefix=prefix,
+                                       tcp_every=tcp_every)
         _wait_started(self.sp, timeout=60)  # Python start-up under QEMU TCG takes seconds
         self.started = time.time()
 

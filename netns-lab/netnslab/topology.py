@@ -502,12 +502,14 @@ class Lab:
     def start_prober(self, targets: Sequence[str | ipaddress.IPv4Address | ipaddress.IPv6Address], *,
                      out: Path, interval_ms: float = 10.0, count: int = 1000, duration_s: float = 10.0,
                      timeout_ms: float = 500.0, tcp: bool = False, port: int | None = None,
-                     log: Path | None = None, prefix: Sequence[str] = ()) -> Spawned:
+                     log: Path | None = None, prefix: Sequence[str] = (), tcp_every: int = 1) -> Spawned:
         """Start the prober in the background; its JSON result goes to ``out``
         (call :func:`read_prober` after it exits). ``log``: its stderr (default
-        ``prober.log``, shared); ``prefix``: a command wrapper such as ``chrt -r 5``."""
+        ``prober.log``, shared); ``prefix``: a command wrapper such as ``chrt -r 5``;
+        ``tcp_every``: with ``tcp``, a new connection every that many rounds only."""
+        extra = ("--out", str(out), *(("--tcp-every", str(tcp_every)) if tcp and tcp_every != 1 else ()))
         args = prober_args(self, targets, interval_ms=interval_ms, count=count, duration_s=duration_s,
-                           timeout_ms=timeout_ms, tcp=tcp, port=port, extra=("--out", str(out)))
+                           timeout_ms=timeout_ms, tcp=tcp, port=port, extra=extra)
         return self.spawn("client", [*prefix, *args], name="prober", log=log or self.workdir / "prober.log")
 
     # -- inspection -------------------------------------------------------

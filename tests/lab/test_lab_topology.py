@@ -76,6 +76,12 @@ def test_manual_delivery_rules_make_director_a_answer_from_the_vip(lab: Lab) -> 
         assert stream["switches"] == []
     assert lab.neigh("router", VIP4)["lladdr"] == lab.mac("director-a")
 
+    # --tcp-every 5: a new TCP connection every fifth round only, UDP every round
+    res = lab.probe([VIP4], count=20, interval_ms=20, timeout_ms=1500, tcp=True, extra=("--tcp-every", "5"))
+    assert res["summary"]["lost"] == 0, res["summary"]
+    assert {k: v["sent"] for k, v in res["streams"].items()} == {f"udp {VIP4}": 20, f"tcp {VIP4}": 4}
+    assert [p["seq"] for p in res["probes"] if p["proto"] == "tcp"] == [0, 5, 10, 15]
+
     # withdraw the rules: director-a stops answering although the router still sends to it
     lab.del_manual_delivery("director-a")
     res = lab.probe([VIP4, VIP6], count=5, interval_ms=20, timeout_ms=300)
@@ -196,6 +202,8 @@ def test_prober_refuses_unbounded_runs() -> None:
         prober.Prober(["198.51.100.10"], 7, 10, prober.MAX_COUNT + 1, 1, 100)
     with pytest.raises(ValueError):
         prober.Prober(["198.51.100.10"], 7, 10, 10, prober.MAX_DURATION_S + 1, 100)
+    with pytest.raises(ValueError):
+        prober.Prober(["198.51.100.10"], 7, 10, 10, 1, 100, tcp=True, tcp_every=0)
 
 
 @pytest.mark.lab
