@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vipless_failover import sched
+
 from . import capture, prober, topology
 from .configgen import NodeSettings
 from .daemons import Cluster, Daemon, default_settings, event_time, master_down_ms
@@ -922,8 +924,13 @@ def starvation(ctx: ScenarioContext) -> ScenarioResult:
     return _starvation(ctx, "starvation", "no_advert_late_by_more_than_interval")
 
 
-#: adverts of the variant without real-time priority (ms): the shortest the daemon takes
-NO_RT_INTERVAL_MS = 10
+#: adverts of the variant without real-time priority (ms): the shortest interval at which
+#: the daemon does not advise real-time priority (vipless_failover.sched). Below it, at
+#: 10 ms, this machine's stalls without real-time priority make false failovers for
+#: ours and for keepalived alike (bench figure no-rt, 10 minutes: 3 and 6; one 60 s run
+#: of this scenario at 10 ms: a 54 ms gap): that target is the bench's to measure
+#: (issue 19, open), and a pass of this scenario there depended on the machine's luck.
+NO_RT_INTERVAL_MS = sched.RT_ADVISED_BELOW_MS
 
 
 @scenario("starvation-no-rt", f"11b. the same hog at {NO_RT_INTERVAL_MS} ms adverts, daemons at normal priority "
@@ -953,7 +960,9 @@ def _starvation(ctx: ScenarioContext, name: str, gap_check: str) -> ScenarioResu
                             name="hog", log=ctx.lab.workdir / "hog.log")
         last_seen: list[float] = []
         while hog.popen.poll() is None and time.time() - t_h < HOG_S + 5:
-            st = b.status() or {}
+            # the control socket from here, not a failoverctl process every 0.5 s: its
+            # interpreter's start-up is normal-priority CPU load beside the daemons
+            st = b.status_now() or {}
             last_seen += [float(p.get("last_seen_s", 99)) for p in st.get("peers", []) if p.get("node") == a.tag]
             time.sleep(0.5)
         hog.popen.wait(timeout=10)
@@ -969,7 +978,7 @@ def _starvation(ctx: ScenarioContext, name: str, gap_check: str) -> ScenarioResu
     ok_end, end, det = check_end(ctx, a)
     limit = (2 * ctx.interval_ms / 1000 if gap_check == "no_advert_late_by_more_than_interval"
              else master_down_ms(ctx.interval_ms, b.settings.priority) / 1000)
-    scheduling = {d.tag: (d.status() or {}).get("scheduling") for d in (a, b)}
+    scheduling = {d.tag: (d.status_now() or {}).get("scheduling") for d in (a, b)}
     end += f"; worst advert gap {(worst or 0) * 1000:.0f} ms (limit {limit * 1000:.0f})"
     ctx.say(f"hog {HOG_S:.0f} s on {os.cpu_count()} cores: {len(gaps)} master adverts, worst gap "
             f"{(worst or 0) * 1000:.0f} ms (limit {limit * 1000:.0f}), peer last seen at most "

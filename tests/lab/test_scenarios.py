@@ -12,8 +12,9 @@ checks; the bounds are the issue's:
 * drift: rule and nft table repaired within 1 s, counted;
 * pair-restart: one master within master-down + 1 s of the first daemon start;
 * starvation (CPU hog on all cores, 60 s): no failover, no advert late by more
-  than one interval; starvation-no-rt (the same at 10 ms adverts, daemons without
-  real-time priority, issue 19): no failover, no advert later than master-down.
+  than one interval; starvation-no-rt (the same at 100 ms adverts, the shortest the daemon
+  does not advise real-time priority for, daemons without it, issue 19): no failover,
+  no advert later than master-down.
 
 and issue 13's stopped processes (SIGSTOP, then SIGCONT):
 
