@@ -492,10 +492,11 @@ class Lab:
     # -- probing ----------------------------------------------------------
     def probe(self, targets: Sequence[str | ipaddress.IPv4Address | ipaddress.IPv6Address], *,
               interval_ms: float = 10.0, count: int = 1, duration_s: float = 10.0, timeout_ms: float = 500.0,
-              tcp: bool = False, port: int | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+              tcp: bool = False, port: int | None = None, extra: Sequence[str] = (),
+              tcp_every: int = 1) -> dict[str, Any]:
         """Run the prober in the client namespace and return its JSON result."""
         args = prober_args(self, targets, interval_ms=interval_ms, count=count, duration_s=duration_s,
-                           timeout_ms=timeout_ms, tcp=tcp, port=port, extra=extra)
+                           timeout_ms=timeout_ms, tcp=tcp, port=port, extra=extra, tcp_every=tcp_every)
         proc = self.exec("client", *args, timeout=duration_s + timeout_ms / 1000 + 30)
         return json.loads(proc.stdout)
 
@@ -507,9 +508,9 @@ class Lab:
         (call :func:`read_prober` after it exits). ``log``: its stderr (default
         ``prober.log``, shared); ``prefix``: a command wrapper such as ``chrt -r 5``;
         ``tcp_every``: with ``tcp``, a new connection every that many rounds only."""
-        extra = ("--out", str(out), *(("--tcp-every", str(tcp_every)) if tcp and tcp_every != 1 else ()))
         args = prober_args(self, targets, interval_ms=interval_ms, count=count, duration_s=duration_s,
-                           timeout_ms=timeout_ms, tcp=tcp, port=port, extra=extra)
+                           timeout_ms=timeout_ms, tcp=tcp, port=port, extra=("--out", str(out)),
+                           tcp_every=tcp_every)
         return self.spawn("client", [*prefix, *args], name="prober", log=log or self.workdir / "prober.log")
 
     # -- inspection -------------------------------------------------------
@@ -540,12 +541,15 @@ class Lab:
 
 
 def prober_args(lab: Lab, targets: Sequence[Any], *, interval_ms: float, count: int, duration_s: float,
-                timeout_ms: float, tcp: bool, port: int | None, extra: Sequence[str] = ()) -> list[str]:
+                timeout_ms: float, tcp: bool, port: int | None, extra: Sequence[str] = (),
+                tcp_every: int = 1) -> list[str]:
     args = [lab.python, "-m", "netnslab.prober", "--port", str(port or lab.responder_port),
             "--interval-ms", str(interval_ms), "--count", str(count), "--duration", str(duration_s),
             "--timeout-ms", str(timeout_ms)]
     if tcp:
         args.append("--tcp")
+        if tcp_every != 1:
+            args += ["--tcp-every", str(tcp_every)]
     args.extend(extra)
     args.extend(str(t) for t in targets)
     return args

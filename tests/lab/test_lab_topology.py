@@ -77,7 +77,7 @@ def test_manual_delivery_rules_make_director_a_answer_from_the_vip(lab: Lab) -> 
     assert lab.neigh("router", VIP4)["lladdr"] == lab.mac("director-a")
 
     # --tcp-every 5: a new TCP connection every fifth round only, UDP every round
-    res = lab.probe([VIP4], count=20, interval_ms=20, timeout_ms=1500, tcp=True, extra=("--tcp-every", "5"))
+    res = lab.probe([VIP4], count=20, interval_ms=20, timeout_ms=1500, tcp=True, tcp_every=5)
     assert res["summary"]["lost"] == 0, res["summary"]
     assert {k: v["sent"] for k, v in res["streams"].items()} == {f"udp {VIP4}": 20, f"tcp {VIP4}": 4}
     assert [p["seq"] for p in res["probes"] if p["proto"] == "tcp"] == [0, 5, 10, 15]

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from netnslab import capture, scenarios, topology
-from netnslab.daemons import Cluster, default_settings, event_time
+from netnslab.daemons import Cluster, Daemon, default_settings, event_time
 
 VIPS = ("198.51.100.10", "198.51.100.11")
 REALS = {"real-1": 21, "real-2": 22}
@@ -49,14 +49,14 @@ INTERVAL = 100
 PROBE_TIMEOUT_MS = 1500
 #: the client and the real servers stand for other machines: real-time here, so a busy
 #: guest (the restarted daemon importing its modules on 2 emulated CPUs) does not
-#: stall the instruments; the daemons run below them (DAEMON_RT)
+#: stall the instruments; the daemons run below them (DAEMON_PRIO)
 RT = ("chrt", "-r", "5")
 #: the daemons: real-time as the unit runs them, but below the instruments, which stand
 #: for other machines and share the guest's 2 CPUs with them. At normal priority a
 #: daemon was starved past its peer's master-down interval now and then (the peer took
 #: over during the restart step, 1 run in 5); at SCHED_RR 10 (the unit's) the hand-over's
 #: work starved the instruments instead (366 UDP probes lost in 2 s)
-DAEMON_RT = ("chrt", "-r", "1")
+DAEMON_PRIO = ("chrt", "-r", "1")
 #: the guest's packet processing (ksoftirqd) runs above every task, as a NIC's softirq
 #: runs at interrupt exit on a real machine (see softirq_first)
 SOFTIRQ_RT = ("chrt", "-f", "-p", "50")
@@ -77,6 +77,11 @@ TCP_EVERY = 10
 CRASH_AFTER_S = 5.0
 #: the pair's first election in the guest (see dr_pair)
 CONVERGE_S = 150
+
+
+def logs(*daemons: Daemon, chars: int = 4000) -> str:
+    """The tail of each daemon's log, for an assertion's message."""
+    return "\n".join(f"{d.tag}: {d.log_text()[-chars:]}" for d in daemons)
 
 
 def streams(res: dict[str, Any]) -> str:
@@ -128,7 +133,7 @@ def dr_pair():
                     for d, s in default_settings(lab.director_names, advert_interval_ms=INTERVAL).items()}
         cluster = Cluster(lab, settings)
         for d in cluster:
-            d.command_prefix = list(DAEMON_RT)
+            d.command_prefix = list(DAEMON_PRIO)
         try:
             cluster.start()
             for p in lab.processes:
@@ -228,7 +233,7 @@ def test_restart_handover_crash_with_ipvs_dr(dr_pair) -> None:
     assert res["summary"]["lost"] == 0, res["summary"]
     assert cr["alive"] == cr["count"], cr
     moved = scenarios.transitions_between(b, t)
-    assert not moved, f"{moved}: {a.tag}: {a.log_text()[-3000:]}\n{b.tag}: {b.log_text()[-3000:]}"
+    assert not moved, f"{moved}: {logs(a, b)}"
 
     # -- 4. graceful hand-over (demote) ------------------------------------------------
     cap = scenarios.start_capture(ctx)
@@ -243,8 +248,7 @@ def test_restart_handover_crash_with_ipvs_dr(dr_pair) -> None:
         try:
             cluster.wait_converged(10, b.tag)
         except topology.LabError as exc:
-            raise AssertionError(f"{exc}; after the demote ({resp}): {a.tag}: {a.log_text()[-4000:]}\n"
-                                 f"{b.tag}: {b.log_text()[-4000:]}") from None
+            raise AssertionError(f"{exc}; after the demote ({resp}): {logs(a, b)}") from None
         res, cr = run.result(), conns.result()
     finally:
         path = cap.stop()
