@@ -13,6 +13,11 @@ never below 1). Items are named ``check:NAME`` and ``link:IFNAME``.
   and IFF_LOWER_UP. A missing interface is down, and is picked up when it appears.
   The node's own interface (``node.interface``) is always tracked, as a fault item;
   extra ones come from ``[[track.interface]]``.
+* When a tracked interface comes back up, its neighbour entries left INCOMPLETE or
+  FAILED while it was down are deleted (:func:`forget_unresolved`): the kernel flushes
+  the cache when the carrier goes, but an entry created during the outage (a TCP
+  retransmission towards the router) keeps counting its unanswered solicitations and
+  holds the new master's replies for up to a second, then drops them.
 
 :class:`Tracker` calls ``on_change()`` (no arguments) whenever an item's state
 changes; the daemon then asks :meth:`Tracker.faults` and
@@ -99,6 +104,8 @@ class Item:
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
+NUD_INCOMPLETE = 0x01
+NUD_FAILED = 0x20
 
 
 def link_is_up(msg: Any) -> bool:
@@ -106,6 +113,22 @@ def link_is_up(msg: Any) -> bool:
     cable, is down)."""
     flags = msg["flags"]
     return bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP)
+
+
+async def forget_unresolved(ipr: Any, ifindex: int) -> list[str]:
+    """Delete ``ifindex``'s neighbour entries in state INCOMPLETE or FAILED (both
+    families), as ``ip neigh flush dev X nud incomplete nud failed``; the next packet
+    to one of them resolves it afresh at once. Returns the addresses deleted."""
+    stale = [(nb["family"], nb.get_attr("NDA_DST")) async for nb in await ipr.neigh("dump", ifindex=ifindex)
+             if nb["state"] & (NUD_INCOMPLETE | NUD_FAILED) and nb["ifindex"] == ifindex]
+    gone = []
+    for family, dst in stale:
+        try:
+            await ipr.neigh("del", ifindex=ifindex, dst=dst, family=family)
+        except Exception:  # noqa: BLE001 - resolved or gone meanwhile: nothing to forget
+            continue
+        gone.append(str(dst))
+    return gone
 
 
 class Tracker:
@@ -131,6 +154,7 @@ class Tracker:
             self.items[item.name] = item
             self._ifaces[i.name] = item
         self._tasks: list[asyncio.Task[None]] = []
+        self._forgets: set[asyncio.Task[None]] = set()
         self._ipr: Any = None
 
     # -- queries --------------------------------------------------------------
@@ -155,8 +179,9 @@ class Tracker:
             self._tasks.append(loop.create_task(self._run_check(self.items[name], check), name=name))
 
     async def close(self) -> None:
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait([*self._tasks, *self._forgets])
         self._tasks.clear()
+        self._forgets.clear()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -250,9 +275,26 @@ class Tracker:
                 self._link_event(old, False, f"renamed to {name}")
             return
         self._index[index] = name
-        self._link_event(name, link_is_up(msg))
+        up = link_is_up(msg)
+        if up and self._ifaces[name].state == FAILED:
+            task = asyncio.get_running_loop().create_task(self._forget_unresolved(name, index),
+                                                          name=f"neigh-{name}")
+            self._forgets.add(task)
+            task.add_done_callback(self._forgets.discard)
+        self._link_event(name, up)
+
+    async def _forget_unresolved(self, name: str, index: int) -> None:
+        try:
+            gone = await forget_unresolved(self._ipr, index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a best effort; the kernel resolves in the end
+            self.log.warning("neighbours_not_forgotten", interface=name, error=str(exc))
+            return
+        if gone:
+            self.log.info("neighbours_forgotten", interface=name, addresses=gone,
+                          detail="unresolved while the link was down")
 
 
-
-
-__all__ = ["CheckState", "Item", "Tracker", "effective_priority", "link_is_up", "TrackCheck", "TrackInterface"]
+__all__ = ["CheckState", "Item", "Tracker", "effective_priority", "forget_unresolved", "link_is_up", "TrackCheck",
+           "TrackInterface"]

@@ -552,6 +552,43 @@ def test_tracked_interface_link_down_forces_fault(make_cluster: Callable[..., Cl
     assert next(t for t in st["tracked"] if t["name"] == f"link:{tk0}")["detail"] == "interface removed"
 
 
+def _unresolved(lab, director: str) -> set[str]:
+    out = set()
+    for fam in ("-4", "-6"):
+        for line in lab.ip(director, fam, "neigh", "show").stdout.splitlines():
+            if "INCOMPLETE" in line or "FAILED" in line:
+                out.add(line.split()[0])
+    return out
+
+
+def test_link_up_forgets_neighbours_left_unresolved_while_down(make_cluster: Callable[..., Cluster], lab) -> None:
+    """Seen in CI (link-down scenario, ~1 run in 8): a TCP retransmission while the LAN
+    link was down left the router's entry INCOMPLETE; after link up the new master's
+    replies waited for its next solicitation, then were dropped with it (540-700 ms of
+    loss). The daemon now deletes such entries when the link comes back."""
+    cluster = make_cluster(a=NodeSettings(priority=150))
+    a = cluster[A]
+    cluster.wait_converged(CONVERGE_S, A)
+    port = lab.link("p-a")
+    router = ("192.0.2.1", "2001:db8:1::1")
+    lab.ip("lan", "link", "set", port, "down")
+    a.wait_state("FAULT", 3)
+    # as a retransmission would: packets towards the router while the carrier is gone
+    for dst in router:
+        lab.exec(A, "ping", "-c", "1", "-W", "0.2", dst, check=False)
+    assert set(router) <= _unresolved(lab, A), "precondition: the router's entries are unresolved"
+    t_up = time.monotonic()
+    lab.ip("lan", "link", "set", port, "up")
+    # the kernel would solicit again a second after the entry was made: well past this
+    wait_for(lambda: not (set(router) & _unresolved(lab, A)), 0.5, "unresolved entries forgotten at link up",
+             poll=0.01)
+    assert time.monotonic() - t_up < 0.6
+    ev = wait_for(lambda: [e for e in a.events(current_run=True) if e.get("event") == "neighbours_forgotten"], 2,
+                  "a neighbours_forgotten event")
+    assert set(router) <= set(ev[-1]["addresses"])
+    a.wait_state("MASTER", 5)
+
+
 # ---------------------------------------------------------------------------
 # sd_notify
 
