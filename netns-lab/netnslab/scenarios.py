@@ -466,7 +466,13 @@ def link_down(ctx: ScenarioContext) -> ScenarioResult:
         "no_loss_on_link_up": lost_up == 0,
         "end_state": ok_end,
     }, res, end, bound, {**det, "takeover_ms": round(takeover_ms, 1), "fault_ms": round(fault_ms, 1),
-                         "lost_after_link_up": lost_up})
+                         "lost_after_link_up": lost_up,
+                         "lost_after_link_up_by_vip": {v: udp_lost(res, after=t_up, target=v) for v in ALL_VIPS},
+                         "transitions_after_link_up": {d.tag: [(round((event_time(e) or t_up) - t_up, 3),
+                                                                e.get("to"), e.get("reason"))
+                                                               for e in d.transitions()
+                                                               if (event_time(e) or 0) >= t_up - 0.001]
+                                                       for d in (master, backup)}})
 
 
 # ---------------------------------------------------------------------------
