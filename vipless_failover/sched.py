@@ -46,7 +46,18 @@ class Scheduling:
                 "at_risk": self.at_risk(advert_interval_ms), "advised_below_ms": RT_ADVISED_BELOW_MS}
 
 
+#: the flag the kernel ORs into the policy it reports for a process whose children start
+#: at normal priority (``chrt -R``, systemd's ``CPUSchedulingResetOnFork=yes``; keepalived
+#: sets it on its VRRP process); its policy is the rest
+RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)
+
+
+def from_kernel(policy: int, priority: int) -> Scheduling:
+    """What ``sched_getscheduler``/``sched_getparam`` report, named (reset-on-fork aside)."""
+    policy &= ~RESET_ON_FORK
+    return Scheduling(POLICY_NAMES.get(policy, f"policy {policy}"), priority)
+
+
 def current(pid: int = 0) -> Scheduling:
     """The scheduling policy of ``pid`` (0: this process), from the kernel."""
-    policy = os.sched_getscheduler(pid)
-    return Scheduling(POLICY_NAMES.get(policy, f"policy {policy}"), os.sched_getparam(pid).sched_priority)
+    return from_kernel(os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority)

@@ -26,3 +26,14 @@ def test_short_adverts_without_real_time_are_at_risk() -> None:
                                   "advised_below_ms": RT_ADVISED_BELOW_MS}
     assert rr.describe(10)["realtime"] is True and rr.describe(10)["at_risk"] is False
 
+
+
+def test_reset_on_fork_is_not_mistaken_for_another_policy() -> None:
+    """chrt -R / CPUSchedulingResetOnFork=yes: the kernel ORs SCHED_RESET_ON_FORK into the
+    policy it reports (keepalived's VRRP process reads 0x40000002); still SCHED_RR, still
+    real-time, no warning."""
+    rr = sched.from_kernel(os.SCHED_RR | sched.RESET_ON_FORK, 10)
+    assert rr == Scheduling("SCHED_RR", 10) and rr.realtime and not rr.at_risk(10)
+    assert sched.from_kernel(os.SCHED_FIFO | sched.RESET_ON_FORK, 1).policy == "SCHED_FIFO"
+    assert sched.from_kernel(os.SCHED_OTHER | sched.RESET_ON_FORK, 0).at_risk(10)
+    assert sched.from_kernel(42, 0).policy == "policy 42"
