@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .aio import within
+from .telemetry import ControlCounters, ControlLimit
 
 READ_ONLY_COMMANDS = frozenset({"status"})
 CHANGING_COMMANDS = frozenset({"promote", "demote", "maintenance", "reload", "announce", "restart"})
@@ -42,8 +43,6 @@ ROOT_RESERVE = 8  # of MAX_CLIENTS, only root may take these
 IDLE_TIMEOUT_S = 10.0  # to send a request line, or to take an answer
 MAX_TIMEOUT_S = 3600.0  # the largest ``timeout`` a command may ask for
 LIMIT_LOG_INTERVAL_S = 10.0  # limit events after the first of a burst: one summary per interval
-REJECT_REASONS = ("too_many_clients", "idle_timeout", "request_too_large", "slow_reader", "bad_request",
-                  "internal_error")
 
 
 class UsageError(ValueError):
@@ -162,11 +161,11 @@ class LimitLog:
     def __init__(self, log: Any, interval: float = LIMIT_LOG_INTERVAL_S):
         self.log = log
         self.interval = interval
-        self.counts: Counter[str] = Counter()
-        self._held: Counter[str] = Counter()
+        self.counts: Counter[ControlLimit] = Counter(dict.fromkeys(ControlLimit, 0))
+        self._held: Counter[ControlLimit] = Counter()
         self._flush: asyncio.TimerHandle | None = None
 
-    def hit(self, reason: str, **fields: Any) -> None:
+    def hit(self, reason: ControlLimit, **fields: Any) -> None:
         self.counts[reason] += 1
         if self._flush is not None:  # a burst is on: summed up at the end of the interval
             self._held[reason] += 1
@@ -184,7 +183,7 @@ class LimitLog:
     def _summary(self) -> None:
         self._flush = None
         if self._held:
-            self.log.warning("control_limit", reason="burst", repeated=dict(self._held),
+            self.log.warning("control_limit", reason="burst", repeated={k.value: n for k, n in self._held.items()},
                              interval_s=self.interval)
             self._held.clear()
             self._arm()  # still in a burst: the next summary at most an interval later
@@ -215,11 +214,9 @@ class ControlServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self.limits = LimitLog(log, log_interval)
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> ControlCounters:
         """For status and metrics: permission refusals, clients now, limit events by reason."""
-        rejected = dict.fromkeys(REJECT_REASONS, 0)
-        rejected.update(self.limits.counts)
-        return {"refused": self.refused, "clients": self.clients, "rejected": rejected}
+        return ControlCounters(refused=self.refused, clients=self.clients, rejected=self.limits.counts)
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -278,7 +275,7 @@ class ControlServer:
         if self.clients >= self.slots(peer):
             # answered and closed at once: the file descriptor is free again at the
             # next loop iteration (the line fits in an empty socket buffer)
-            self.limits.hit("too_many_clients", uid=peer.uid, pid=peer.pid, clients=self.clients)
+            self.limits.hit(ControlLimit.TOO_MANY_CLIENTS, uid=peer.uid, pid=peer.pid, clients=self.clients)
             writer.write(_line({"ok": False, "error": f"busy: {self.clients} control connections "
                                                       "already (try again later)"}))
             _close(writer)
@@ -290,7 +287,7 @@ class ControlServer:
         except (TimeoutError, ConnectionError, OSError):
             pass
         except Exception as exc:  # noqa: BLE001 - a bug must not flood the log or kill the daemon
-            self.limits.hit("internal_error", uid=peer.uid, pid=peer.pid, error=repr(exc))
+            self.limits.hit(ControlLimit.INTERNAL_ERROR, uid=peer.uid, pid=peer.pid, error=repr(exc))
         finally:
             self.clients -= 1
             self._writers.discard(writer)
@@ -301,12 +298,12 @@ class ControlServer:
             try:
                 line = await within(reader.readline(), self.idle_timeout)
             except TimeoutError:
-                self.limits.hit("idle_timeout", uid=peer.uid, pid=peer.pid)
+                self.limits.hit(ControlLimit.IDLE_TIMEOUT, uid=peer.uid, pid=peer.pid)
                 writer.write(_line({"ok": False, "error": f"no request within {self.idle_timeout:g} s: "
                                                           "closing"}))
                 return
             except (asyncio.LimitOverrunError, ValueError):  # readline's overrun
-                self.limits.hit("request_too_large", uid=peer.uid, pid=peer.pid)
+                self.limits.hit(ControlLimit.REQUEST_TOO_LARGE, uid=peer.uid, pid=peer.pid)
                 writer.write(_line(_usage(f"request too large (more than {self.max_request} bytes)")))
                 return
             if not line:
@@ -314,7 +311,7 @@ class ControlServer:
             try:
                 req = decode_request(line)
             except UsageError as exc:
-                self.limits.hit("bad_request", uid=peer.uid, pid=peer.pid, error=str(exc))
+                self.limits.hit(ControlLimit.BAD_REQUEST, uid=peer.uid, pid=peer.pid, error=str(exc))
                 await self._reply(writer, _usage(str(exc)), peer)
                 continue
             cmd = req["cmd"]
@@ -329,7 +326,7 @@ class ControlServer:
             try:
                 req = check_fields(req)
             except UsageError as exc:
-                self.limits.hit("bad_request", uid=peer.uid, pid=peer.pid, error=str(exc))
+                self.limits.hit(ControlLimit.BAD_REQUEST, uid=peer.uid, pid=peer.pid, error=str(exc))
                 await self._reply(writer, _usage(str(exc)), peer)
                 continue
             try:
@@ -344,7 +341,7 @@ class ControlServer:
         try:
             await within(writer.drain(), self.idle_timeout)
         except TimeoutError:
-            self.limits.hit("slow_reader", uid=peer.uid, pid=peer.pid)
+            self.limits.hit(ControlLimit.SLOW_READER, uid=peer.uid, pid=peer.pid)
             raise
 
 

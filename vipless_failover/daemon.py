@@ -36,12 +36,25 @@ from .hooks import NotifyHooks
 from .log import setup as setup_logging
 from .metrics import MetricsServer, build_registry
 from .systemd import Notifier, role_status
+from .telemetry import (
+    AdvertCounters,
+    ControlCounters,
+    DaemonCounters,
+    MetricsServerCounters,
+    NoticeCounters,
+    NoticeKind,
+    RejectReason,
+    TransportCounters,
+)
 from .tracking import Tracker
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 RESUME_FILE = "resume-{node}.json"
 PRECISE_LEAD_S = 0.002  # the master-down timer wakes this early, then spins to the exact time
+#: notices logged as warnings (the others at info)
+WARNING_NOTICES = frozenset({NoticeKind.SPLIT_BRAIN, NoticeKind.CONFIG_MISMATCH, NoticeKind.AUTH_FAILED,
+                             NoticeKind.CLOCK_SKEW})
 
 
 @dataclass
@@ -84,8 +97,10 @@ class Daemon:
         self._decided_wall, self._decided_mono = time.time(), time.monotonic()  # of the step being handled
         self.waiters: list[tuple[str, asyncio.Future]] = []  # promote/demote waiting for completion
         self.history: deque[dict[str, Any]] = deque(maxlen=16)
-        self.stats: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
+        self.adverts_sent = 0
+        self.adverts_received = 0  # datagrams, whatever became of them
+        self.rejected: Counter[RejectReason] = Counter()
+        self.notices: Counter[NoticeKind] = Counter()
         self.started_wall = time.time()
         self.maintenance_file = cfg.control.state_dir / f"maintenance-{cfg.node.name}"
         self.maintenance_saved = False
@@ -96,7 +111,7 @@ class Daemon:
         self._track_faults: set[str] = set()  # fault items the election has been told about
         self._track_priority = cfg.election.priority
         self.registry, self.telemetry = build_registry(
-            self.status, split_brain_gap_s=3 * cfg.election.advert_interval_ms / 1000.0 + 1.0,
+            self.status, self.counters, split_brain_gap_s=3 * cfg.election.advert_interval_ms / 1000.0 + 1.0,
             on_scrape=self._poll_telemetry)
         self.metrics_server: MetricsServer | None = None
         self.notifier = Notifier.from_env()
@@ -308,7 +323,7 @@ class Daemon:
     # -- inputs -------------------------------------------------------------------
 
     def _on_datagram(self, data: bytes, src: Any, rx_time: float) -> None:
-        self.stats["adverts_received"] += 1
+        self.adverts_received += 1
         # freshness is judged at the kernel's receive time, not when Python got to it
         # (after a pause, adverts that waited in the socket are not stale)
         rx_wall_us = int((time.time() - max(0.0, self.now() - rx_time)) * 1e6)
@@ -327,7 +342,7 @@ class Daemon:
             return
         self.trouble.learn(src)
         if msg.config_digest != self.digest:
-            self.rejected["config_digest_mismatch"] += 1  # reported, not fatal
+            self.rejected[RejectReason.CONFIG_DIGEST_MISMATCH] += 1  # reported, not fatal
         # the master-down timer counts from the kernel's receive time, not from when
         # Python got to it: a few hundred microseconds, or seconds after a pause
         self._input(Input("advert", msg, src, rx_time))
@@ -550,11 +565,11 @@ class Daemon:
                 self.log.warning("command_refused", command=command, reason=reason)
                 self._fail_waiters(command, reason)
             case fsm.Notice(kind=kind, peer=peer, detail=detail):
-                self.stats[f"notice_{kind}"] += 1
-                if kind == "split_brain":
+                self.notices[kind] += 1
+                if kind == NoticeKind.SPLIT_BRAIN:
                     self.telemetry.on_split_brain(time.monotonic())
-                level = "warning" if kind in ("split_brain", "config_mismatch", "auth_failed", "clock_skew") else "info"
-                getattr(self.log, level)(kind, peer=peer, detail=detail)
+                level = "warning" if kind in WARNING_NOTICES else "info"
+                getattr(self.log, level)(str(kind), peer=peer, detail=detail)
 
     def _send(self, action: fsm.SendAdvert) -> None:
         if self.transport is None:
@@ -566,7 +581,7 @@ class Daemon:
                      flags=action.flags, successor=action.successor, hold_ms=action.hold_ms,
                      counter=self.counter, config_digest=self.digest)
         self.transport.send(encode_advert(msg, self.keys.signing))
-        self.stats["adverts_sent"] += 1
+        self.adverts_sent += 1
 
     def _transition(self, old: State, new: State, reason: str) -> None:
         entry = {"from": old.name, "to": new.name, "reason": reason, "at": self._decided_wall}
@@ -612,8 +627,23 @@ class Daemon:
             return {"ok": False, "error": f"{what} did not complete within {timeout:g} s "
                                           f"(state {self.election.state.name})"}
 
+    def counters(self) -> DaemonCounters:
+        """Every counter of the daemon and its parts, typed: what the metrics read, and
+        what :meth:`status` shows."""
+        return DaemonCounters(
+            adverts=AdvertCounters(sent=self.adverts_sent, received=self.adverts_received, rejected=self.rejected),
+            notices=NoticeCounters(self.notices),
+            reconcile=self.dataplane.counters(),
+            announce=self.announcer.counters(),
+            notify=self.hooks.counters(),
+            control=self.control.counters() if self.control is not None else ControlCounters(),
+            metrics=self.metrics_server.counters() if self.metrics_server is not None else MetricsServerCounters(),
+            transport=self.transport.counters() if self.transport is not None else TransportCounters(),
+        )
+
     def status(self) -> dict[str, Any]:
         now = self.now()
+        counted = self.counters()
         st = self.election.status(now)
         st.update({
             "version": __version__,
@@ -622,23 +652,20 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_wall, 3),
             "last_transition": self.history[-1] if self.history else None,
             "transitions": list(self.history),
-            "adverts": {"sent": self.stats["adverts_sent"], "received": self.stats["adverts_received"],
-                        "rejected": dict(self.rejected)},
+            "adverts": counted.adverts.as_dict(),
             "keys": {**self.keys.describe(self.decoder.key_used),
                      "replay_window_ms": self.cfg.election.max_clock_skew_ms},
             "scheduling": sched.current().describe(self.cfg.election.advert_interval_ms),
             "dataplane": self.dataplane.status(),
             "ipvs_available": self.dataplane.ipvs_available,
             "announce": self.announcer.status(),
-            "transport": self.transport.counters() if self.transport is not None else {},
+            "transport": counted.transport.as_dict() if self.transport is not None else {},
             "cluster_id": self.cfg.election.cluster_id,
             "tracked": self.tracker.status(),
             "notify": self.hooks.status(),
-            "notices": {k[len("notice_"):]: v for k, v in self.stats.items() if k.startswith("notice_")},
-            "control": self.control.counters() if self.control is not None else {"refused": 0},
-            "metrics": {"listen": self.cfg.metrics.listen,
-                        **(self.metrics_server.counters() if self.metrics_server is not None
-                           else {"scrapes": 0, "renders": 0, "busy": 0})},
+            "notices": counted.notices.as_dict(),
+            "control": counted.control.as_dict() if self.control is not None else {"refused": 0},
+            "metrics": {"listen": self.cfg.metrics.listen, **counted.metrics.as_dict()},
         })
         return st
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from .aio import cancel_and_wait, within
 from .config import NotifyConfig
+from .telemetry import NotifyCounters, NotifyResult
 
 QUEUE_MAX = 64
-RESULTS = ("ok", "failed", "timeout", "error", "dropped")
 ENV_PREFIX = "VIPLESS_"  # the hook interface's own variables
 
 
@@ -64,7 +64,7 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
             pass
 
 
-async def run_command(argv: Sequence[str], env: dict[str, str] | None, timeout: float) -> tuple[str, str]:
+async def run_command(argv: Sequence[str], env: dict[str, str] | None, timeout: float) -> tuple[NotifyResult, str]:
     """Run one command to completion or timeout. Returns (result, detail): result is
     ok | failed (non-zero exit) | timeout (killed) | error (could not start)."""
     try:
@@ -72,21 +72,21 @@ async def run_command(argv: Sequence[str], env: dict[str, str] | None, timeout: 
             *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
     except OSError as exc:
-        return "error", f"{argv[0]}: {exc.strerror or exc}"
+        return NotifyResult.ERROR, f"{argv[0]}: {exc.strerror or exc}"
     try:
         _, err = await within(proc.communicate(), timeout)
     except TimeoutError:
         _kill_group(proc)
         await proc.wait()
-        return "timeout", f"killed after {timeout:g} s"
+        return NotifyResult.TIMEOUT, f"killed after {timeout:g} s"
     except asyncio.CancelledError:
         _kill_group(proc)
         await proc.wait()
         raise
     if proc.returncode == 0:
-        return "ok", ""
+        return NotifyResult.OK, ""
     tail = (err or b"").decode(errors="replace").strip()[-300:]
-    return "failed", f"exit {proc.returncode}" + (f": {tail}" if tail else "")
+    return NotifyResult.FAILED, f"exit {proc.returncode}" + (f": {tail}" if tail else "")
 
 
 class NotifyHooks:
@@ -95,7 +95,7 @@ class NotifyHooks:
         self.node = node
         self.cluster_id = cluster_id
         self.log = log
-        self.results: Counter[str] = Counter({r: 0 for r in RESULTS})
+        self.results: Counter[NotifyResult] = Counter(dict.fromkeys(NotifyResult, 0))
         self.last: dict[str, Any] | None = None
         self._queues: list[asyncio.Queue[Call]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -122,7 +122,7 @@ class NotifyHooks:
             while q.qsize() >= QUEUE_MAX:
                 q.get_nowait()
                 q.task_done()
-                self.results["dropped"] += 1
+                self.results[NotifyResult.DROPPED] += 1
                 self.log.warning("notify_dropped", reason="queue full", queued=QUEUE_MAX)
             q.put_nowait(call)
 
@@ -137,17 +137,21 @@ class NotifyHooks:
                 q.task_done()
             self.results[result] += 1
             took = round(time.monotonic() - t0, 3)
-            self.last = {"command": command[0], "to": call.new, "result": result, "detail": detail,
+            self.last = {"command": command[0], "to": call.new, "result": result.value, "detail": detail,
                          "duration_s": took, "at": time.time()}
-            if result == "ok":
+            if result is NotifyResult.OK:
                 self.log.info("notify", command=command[0], to=call.new, result=result, duration_s=took)
             else:
                 self.log.warning("notify_failed", command=command[0], to=call.new, result=result,
                                  detail=detail, duration_s=took)
 
+    def counters(self) -> NotifyCounters:
+        """For status and metrics: calls by result."""
+        return NotifyCounters(results=self.results)
+
     def status(self) -> dict[str, Any]:
         return {"commands": [list(c) for c in self.cfg.commands], "timeout_ms": self.cfg.timeout_ms,
-                "results": dict(self.results), "pending": sum(q.qsize() for q in self._queues),
+                **self.counters().as_dict(), "pending": sum(q.qsize() for q in self._queues),
                 "last": self.last}
 
     async def close(self, grace: float = 0.0) -> None:

@@ -1,9 +1,12 @@
 """Prometheus metrics: a dedicated registry, read at scrape time.
 
 Most values are read from the daemon's own state when Prometheus scrapes
-(:class:`DaemonCollector` turns ``Daemon.status()`` into metric families), so there
-is no second set of counters to keep in step. What the state does not keep is
-counted here by :class:`Telemetry`: transitions by from/to/reason, split-brain
+(:class:`DaemonCollector` turns ``Daemon.counters()``, the typed counters of
+telemetry.py, and the gauges of ``Daemon.status()`` into metric families), so there
+is no second set of counters to keep in step. Counters are read as attributes and
+labelled by iterating their enums; gauges as ``status["key"]``: a name that changes
+fails mypy or the scrape (and the tests), it never exports 0. What the state does not
+keep is counted here by :class:`Telemetry`: transitions by from/to/reason, split-brain
 episodes, and the takeover duration histogram (decision -> delivery rules
 installed -> first announcement frame sent).
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
@@ -30,19 +33,22 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from .aio import within
+from .telemetry import (
+    AnnounceKind,
+    ControlLimit,
+    DaemonCounters,
+    MetricsServerCounters,
+    NoticeKind,
+    NotifyResult,
+    RejectReason,
+)
 
 #: the classic text format: every Prometheus 2.x understands it (our names need no escaping)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 PREFIX = "vipless_failover"
 STATES = ("INIT", "BACKUP", "MASTER", "FAULT")
-REJECT_REASONS = ("malformed", "version", "auth", "replay", "cluster", "stale", "future", "config_digest_mismatch")
-ANNOUNCE_MODES = ("garp", "na", "next_hop")
 TRACK_STATES = ("ok", "failed", "unknown")
-NOTIFY_RESULTS = ("ok", "failed", "timeout", "error", "dropped")
-NOTICE_KINDS = ("split_brain", "config_mismatch", "master_down", "takeover_request", "handover",
-                "drain_done", "peer_restarting", "stale_handover", "handover_failed", "auth_failed",
-                "clock_skew")
 TAKEOVER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT_S = 5.0
@@ -126,11 +132,13 @@ def _c(name: str, doc: str, value: float | None = None, labels: Iterable[str] = 
 
 
 class DaemonCollector(Collector):
-    """Metric families from ``status()`` (the daemon's status dict) and ``telemetry``."""
+    """Metric families from ``counters()`` (the daemon's typed counters), ``status()``
+    (its status dict, for the gauges) and ``telemetry``."""
 
-    def __init__(self, status: Callable[[], dict[str, Any]], telemetry: Telemetry,
-                 on_scrape: Callable[[], None] | None = None):
+    def __init__(self, status: Callable[[], Mapping[str, Any]], counters: Callable[[], DaemonCounters],
+                 telemetry: Telemetry, on_scrape: Callable[[], None] | None = None):
         self._status = status
+        self._counters = counters
         self.telemetry = telemetry
         self._on_scrape = on_scrape
 
@@ -140,31 +148,35 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterable[Any]:
         if self._on_scrape is not None:
             self._on_scrape()
+        # gauges from the status dict, read as st[...]: a key that is gone raises (the
+        # scrape fails, and the tests), it never exports 0; counters from the typed
+        # snapshot, labelled by their enums (every member, 0 when never counted)
         st = self._status()
+        c = self._counters()
         tel = self.telemetry
 
         info = _g("info", "Version and identity of this node (always 1).",
                   labels=["version", "node", "cluster_id"])
-        info.add_metric([str(st.get("version", "")), str(st.get("node", "")), str(st.get("cluster_id", ""))], 1)
+        info.add_metric([str(st["version"]), str(st["node"]), str(st["cluster_id"])], 1)
         yield info
 
         state = _g("state", "1 for the current election state, 0 for the others.", labels=["state"])
         for s in STATES:
-            state.add_metric([s], 1.0 if st.get("state") == s else 0.0)
+            state.add_metric([s], 1.0 if st["state"] == s else 0.0)
         yield state
-        yield _g("priority", "Configured election priority.", st.get("priority", 0))
+        yield _g("priority", "Configured election priority.", st["priority"])
         yield _g("effective_priority", "Priority advertised now (configured minus failed tracking weights).",
-                 st.get("effective_priority", 0))
-        yield _g("maintenance", "1 while maintenance mode keeps this node backup.", float(bool(st.get("maintenance"))))
+                 st["effective_priority"])
+        yield _g("maintenance", "1 while maintenance mode keeps this node backup.", float(bool(st["maintenance"])))
         yield _g("draining", "1 while an old master still delivers during a hand-over drain.",
-                 float(bool(st.get("draining"))))
-        yield _g("faults", "Tracked items forcing FAULT now.", len(st.get("faults") or []))
-        sched = st.get("scheduling") or {}
+                 float(bool(st["draining"])))
+        yield _g("faults", "Tracked items forcing FAULT now.", len(st["faults"]))
+        sched = st["scheduling"]
         yield _g("scheduling_realtime", "1 if the daemon runs at real-time priority (SCHED_RR or SCHED_FIFO).",
-                 float(bool(sched.get("realtime"))))
+                 float(bool(sched["realtime"])))
         yield _g("scheduling_at_risk", "1 if the advert interval is short enough to need real-time priority "
                  "and the daemon lacks it (a busy CPU can then cause false failovers).",
-                 float(bool(sched.get("at_risk"))))
+                 float(bool(sched["at_risk"])))
 
         tr = _c("transitions", "State transitions by old state, new state and reason.",
                 labels=["from", "to", "reason"])
@@ -174,66 +186,59 @@ class DaemonCollector(Collector):
         yield _g("last_transition_timestamp_seconds", "Unix time of the last state transition (0: none yet).",
                  tel.last_transition_at or 0.0)
 
-        adv = st.get("adverts") or {}
-        yield _c("adverts_sent", "Adverts sent.", adv.get("sent", 0))
-        yield _c("adverts_received", "Datagrams received on the election transport.", adv.get("received", 0))
+        adv = c.adverts
+        yield _c("adverts_sent", "Adverts sent.", adv.sent)
+        yield _c("adverts_received", "Datagrams received on the election transport.", adv.received)
         rej = _c("adverts_rejected", "Adverts dropped (or, for config_digest_mismatch, reported) by reason.",
                  labels=["reason"])
-        rejected = dict.fromkeys(REJECT_REASONS, 0)
-        rejected.update(adv.get("rejected") or {})
-        for reason, n in sorted(rejected.items()):
-            rej.add_metric([reason], n)
+        for reason in sorted(RejectReason):
+            rej.add_metric([reason.value], adv.rejected[reason])
         yield rej
 
-        notices = st.get("notices") or {}
+        notices = c.notices.counts
         yield _c("master_down_expiries", "Master-down timer expiries (this node took over).",
-                 notices.get("master_down", 0))
+                 notices[NoticeKind.MASTER_DOWN])
         yield _c("split_brain_episodes", "Episodes of two masters seen at once.", tel.split_brain_episodes)
         nf = _c("notices", "Election notices by kind.", labels=["kind"])
-        kinds = dict.fromkeys(NOTICE_KINDS, 0)
-        kinds.update(notices)
-        for kind, n in sorted(kinds.items()):
-            nf.add_metric([kind], n)
+        for kind in sorted(NoticeKind):
+            nf.add_metric([kind.value], notices[kind])
         yield nf
 
-        ann = st.get("announce") or {}
+        ann = c.announce
         af = _c("announcements_sent", "Announcement frames sent by mode (garp, na, next_hop).", labels=["mode"])
-        sent = dict.fromkeys(ANNOUNCE_MODES, 0)
-        sent.update(ann.get("announcements_sent") or {})
-        for mode, n in sorted(sent.items()):
-            af.add_metric([mode], n)
+        for mode in sorted(AnnounceKind):
+            af.add_metric([mode.value], ann.sent[mode])
         yield af
-        yield _c("announce_bursts", "Announcement bursts started.", ann.get("bursts", 0))
-        yield _g("announcing", "1 while this node announces the VIPs.", float(bool(ann.get("announcing"))))
+        yield _c("announce_bursts", "Announcement bursts started.", ann.bursts)
+        yield _g("announcing", "1 while this node announces the VIPs.", float(bool(st["announce"]["announcing"])))
 
-        dp = st.get("dataplane") or {}
-        rec = dp.get("reconcile") or {}
-        yield _c("reconcile_runs", "Reconcile passes.", rec.get("runs", 0))
-        yield _c("reconcile_operations", "Kernel operations applied by reconciles.", rec.get("operations", 0))
-        yield _c("reconcile_errors", "Reconcile errors.", rec.get("errors", 0))
-        yield _c("drift_repairs", "Reconciles that repaired a change made by someone else.",
-                 rec.get("drift_repairs", 0))
-        yield _g("delivery_installed", "1 while the delivery rules are installed.", float(bool(dp.get("delivery"))))
-        yield _g("ipvs_available", "1 if the kernel has IPVS.", float(bool(st.get("ipvs_available"))))
-        objs = dp.get("objects") or {}
+        rec = c.reconcile
+        yield _c("reconcile_runs", "Reconcile passes.", rec.runs)
+        yield _c("reconcile_operations", "Kernel operations applied by reconciles.", rec.operations)
+        yield _c("reconcile_errors", "Reconcile errors.", rec.errors)
+        yield _c("drift_repairs", "Reconciles that repaired a change made by someone else.", rec.drift_repairs)
+        dp = st["dataplane"]
+        yield _g("delivery_installed", "1 while the delivery rules are installed.", float(bool(dp["delivery"])))
+        yield _g("ipvs_available", "1 if the kernel has IPVS.", float(bool(st["ipvs_available"])))
+        objs = dp["objects"]
         ko = _g("kernel_objects", "Kernel objects installed by this daemon, by kind.", labels=["kind"])
-        for kind, n in sorted(objs.items()):
-            ko.add_metric([kind], n)
+        for kind_name, n in sorted(objs.items()):
+            ko.add_metric([kind_name], n)
         yield ko
-        yield _g("ipvs_services", "IPVS virtual services installed.", objs.get("ipvs_services", 0))
-        yield _g("ipvs_real_servers", "IPVS real servers installed.", objs.get("ipvs_reals", 0))
+        yield _g("ipvs_services", "IPVS virtual services installed.", objs["ipvs_services"])
+        yield _g("ipvs_real_servers", "IPVS real servers installed.", objs["ipvs_reals"])
 
-        peers = st.get("peers") or []
+        peers = st["peers"]
         yield _g("peers", "Peers heard since start.", len(peers))
         age = _g("peer_last_seen_age_seconds", "Seconds since the last advert of each peer.", labels=["peer"])
         prio = _g("peer_priority", "Last advertised priority of each peer.", labels=["peer"])
         for p in peers:
-            age.add_metric([p["node"]], p.get("last_seen_s", 0.0))
-            prio.add_metric([p["node"]], p.get("priority", 0))
+            age.add_metric([p["node"]], p["last_seen_s"])
+            prio.add_metric([p["node"]], p["priority"])
         yield age
         yield prio
 
-        tracked = st.get("tracked") or []
+        tracked = st["tracked"]
         ts = _g("tracked_item_state", "1 for the current state (ok, failed, unknown) of each tracked item.",
                 labels=["item", "kind", "state"])
         tw = _g("tracked_item_weight", "Priority lowered while the item fails (0: it forces FAULT).",
@@ -243,39 +248,38 @@ class DaemonCollector(Collector):
         for it in tracked:
             for s in TRACK_STATES:
                 ts.add_metric([it["name"], it["kind"], s], 1.0 if it["state"] == s else 0.0)
-            tw.add_metric([it["name"]], it.get("weight", 0))
-            for result, n in sorted((it.get("results") or {}).items()):
+            tw.add_metric([it["name"]], it["weight"])
+            for result, n in sorted(it["results"].items()):
                 runs.add_metric([it["name"], result], n)
         yield ts
         yield tw
         yield runs
 
-        notify = st.get("notify") or {}
         nr = _c("notify_runs", "Notify command runs by result (ok, failed, timeout, error, dropped).",
                 labels=["result"])
-        results = dict.fromkeys(NOTIFY_RESULTS, 0)
-        results.update(notify.get("results") or {})
-        for result, n in sorted(results.items()):
-            nr.add_metric([result], n)
+        for notify_result in sorted(NotifyResult):
+            nr.add_metric([notify_result.value], c.notify.results[notify_result])
         yield nr
 
-        control = st.get("control") or {}
-        yield _c("control_refused", "Control requests refused (not allowed for the caller).",
-                 control.get("refused", 0))
-        yield _g("control_clients", "Control socket connections open now.", control.get("clients", 0))
+        control = c.control
+        yield _c("control_refused", "Control requests refused (not allowed for the caller).", control.refused)
+        yield _g("control_clients", "Control socket connections open now.", control.clients)
         cr = _c("control_rejected", "Control connections or requests cut short by a limit, by reason "
                                     "(too_many_clients, idle_timeout, request_too_large, slow_reader, "
                                     "bad_request, internal_error).", labels=["reason"])
-        for reason, n in sorted((control.get("rejected") or {}).items()):
-            cr.add_metric([reason], n)
+        for limit in sorted(ControlLimit):
+            cr.add_metric([limit.value], control.rejected[limit])
         yield cr
 
 
-def build_registry(status: Callable[[], dict[str, Any]], split_brain_gap_s: float = 1.0,
+def build_registry(status: Callable[[], Mapping[str, Any]], counters: Callable[[], DaemonCounters],
+                   split_brain_gap_s: float = 1.0,
                    on_scrape: Callable[[], None] | None = None) -> tuple[CollectorRegistry, Telemetry]:
+    """The daemon's registry: its collector (``status`` for the gauges, ``counters``
+    for the counters), the takeover histogram, and the process metrics."""
     registry = CollectorRegistry(auto_describe=False)
     telemetry = Telemetry(registry, split_brain_gap_s)
-    registry.register(DaemonCollector(status, telemetry, on_scrape))
+    registry.register(DaemonCollector(status, counters, telemetry, on_scrape))
     ProcessCollector(namespace=PREFIX, registry=registry)
     return registry, telemetry
 
@@ -312,8 +316,9 @@ class MetricsServer:
             await self._server.wait_closed()
             self._server = None
 
-    def counters(self) -> dict[str, int]:
-        return {"scrapes": self.scrapes, "renders": self.renders, "busy": self.busy}
+    def counters(self) -> MetricsServerCounters:
+        """For status: scrapes served, bodies rendered, connections closed unread."""
+        return MetricsServerCounters(scrapes=self.scrapes, renders=self.renders, busy=self.busy)
 
     def _render(self) -> bytes:
         now = time.monotonic()

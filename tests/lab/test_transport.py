@@ -480,7 +480,7 @@ async def _agent_main() -> None:
             elif op == "send":
                 t = transports[cmd["id"]]
                 t.send(bytes.fromhex(cmd["data"]))
-                reply({"counters": t.counters(), "sent_at": loop.time()})
+                reply({"counters": t.counters().as_dict(), "sent_at": loop.time()})
             elif op == "raw":
                 raw_send(cmd)
                 reply({"ok": True})
@@ -491,7 +491,7 @@ async def _agent_main() -> None:
                 before = len(box)
                 drained = transports[cmd["id"]].drain()
                 reply({"drained": drained, "stalled_until": stalled_until, "received": box[before:],
-                       "counters": transports[cmd["id"]].counters()})
+                       "counters": transports[cmd["id"]].counters().as_dict()})
             elif op == "wait":
                 deadline = loop.time() + cmd["within"]
                 box = inbox[cmd["id"]]
@@ -501,7 +501,7 @@ async def _agent_main() -> None:
                         await asyncio.wait_for(arrived.wait(), max(0.0, deadline - loop.time()))
                     except TimeoutError:
                         break
-                reply({"received": box, "counters": transports[cmd["id"]].counters()})
+                reply({"received": box, "counters": transports[cmd["id"]].counters().as_dict()})
             else:
                 reply({"error": f"unknown op {op!r}"})
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails

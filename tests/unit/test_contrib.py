@@ -34,6 +34,7 @@ from tests.contrib_exprs import (
     yaml_values,
 )
 from vipless_failover.metrics import build_registry
+from vipless_failover.telemetry import DaemonCounters
 
 #: the alerts contrib/README.md documents
 ALERTS = {
@@ -45,11 +46,14 @@ ALERTS = {
 SEVERITIES = {"critical", "warning", "info"}
 DS_UID = "${datasource}"
 
-# a small status: one peer, one tracked item, some kernel objects (the families do not
-# depend on it; it only gives the labelled families samples)
+# a small status: one peer, one tracked item, some kernel objects, and every key the
+# gauges read (the families do not depend on it; it only gives the labelled families
+# samples); the counters are all 0 (DaemonCounters())
 STATUS = {
     "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "BACKUP", "priority": 100,
-    "effective_priority": 100,
+    "effective_priority": 100, "maintenance": False, "draining": False, "faults": [],
+    "scheduling": {"realtime": True, "at_risk": False}, "announce": {"announcing": False},
+    "ipvs_available": True,
     "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 150, "state": "MASTER",
                "last_seen_s": 0.1, "config_match": True}],
     "tracked": [{"name": "link:eth0", "kind": "interface", "state": "ok", "weight": 0, "results": {}}],
@@ -75,7 +79,7 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def exported_metric_names() -> set[str]:
     """Sample names the daemon's registry can export, from its families' names and
     types (counters: ``_total``; histograms: ``_bucket``, ``_sum``, ``_count``)."""
-    registry, telemetry = build_registry(lambda: STATUS)
+    registry, telemetry = build_registry(lambda: STATUS, DaemonCounters)
     telemetry.on_transition("INIT", "BACKUP", "start", 1.0)
     names: set[str] = set()
     for fam in registry.collect():

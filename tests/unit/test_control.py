@@ -104,7 +104,7 @@ async def test_bad_fields_are_usage_errors_not_internal_errors(make_server, req,
     srv, log, handled = await make_server()
     assert await ask(srv, req) == {"ok": False, "error": message, "usage": True}
     assert handled == []
-    assert srv.counters()["rejected"]["bad_request"] == 1
+    assert srv.counters().as_dict()["rejected"]["bad_request"] == 1
     assert not log.named("control_error")
     # the connection stays usable after a usage error
     assert (await ask(srv, {"cmd": "status"}))["ok"] is True
@@ -135,7 +135,7 @@ async def test_connections_over_the_cap_are_answered_and_closed_at_once(make_ser
         assert await asyncio.wait_for(r.read(), 2) == b""  # closed by the daemon
         w.close()
     assert time.monotonic() - t0 < 2
-    assert srv.counters()["rejected"]["too_many_clients"] == 20
+    assert srv.counters().as_dict()["rejected"]["too_many_clients"] == 20
     # the held ones still work, and a freed slot is served again
     r, w = held[0]
     w.write(b'{"cmd": "status"}\n')
@@ -193,7 +193,7 @@ async def test_a_client_that_sends_nothing_is_dropped(make_server):
     assert (await asyncio.wait_for(r.read(), 3)).startswith(b'{"ok": false, "error": "no request within')
     w.close()
     await asyncio.sleep(0.05)
-    assert srv.counters()["rejected"]["idle_timeout"] == 2 and srv.clients == 0
+    assert srv.counters().as_dict()["rejected"]["idle_timeout"] == 2 and srv.clients == 0
 
 
 async def test_waiting_for_a_slow_answer_is_not_idleness(make_server):
@@ -210,7 +210,7 @@ async def test_a_request_over_the_size_cap_is_refused(make_server):
     assert line == {"ok": False, "error": "request too large (more than 1024 bytes)", "usage": True}
     assert await asyncio.wait_for(r.read(), 3) == b""
     w.close()
-    assert handled == [] and srv.counters()["rejected"]["request_too_large"] == 1
+    assert handled == [] and srv.counters().as_dict()["rejected"]["request_too_large"] == 1
 
 
 async def test_close_does_not_wait_for_idle_clients(make_server):
@@ -227,7 +227,7 @@ async def test_close_does_not_wait_for_idle_clients(make_server):
 
 async def test_counters_for_status_and_metrics(make_server):
     srv, _, _ = await make_server()
-    c = srv.counters()
+    c = srv.counters().as_dict()
     assert c == {"refused": 0, "clients": 0, "rejected": {
         "too_many_clients": 0, "idle_timeout": 0, "request_too_large": 0, "slow_reader": 0, "bad_request": 0,
         "internal_error": 0}}

@@ -1,9 +1,11 @@
-"""Metrics: families built from a status dict, bookkeeping of transitions, split-brain
-episodes and takeover stages, the HTTP listener, and promtool's lint of the output."""
+"""Metrics: families built from a status dict and the typed counters, bookkeeping of
+transitions, split-brain episodes and takeover stages, the HTTP listener, and promtool's
+lint of the output."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import subprocess
 
@@ -12,25 +14,45 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vipless_failover.metrics import MetricsServer, build_registry, reason_kind
+from vipless_failover.telemetry import (
+    AdvertCounters,
+    AnnounceCounters,
+    AnnounceKind,
+    ControlCounters,
+    ControlLimit,
+    DaemonCounters,
+    MetricsServerCounters,
+    NoticeCounters,
+    NoticeKind,
+    NotifyCounters,
+    NotifyResult,
+    ReconcileCounters,
+    RejectReason,
+)
 
+# the gauges' part of a status dict (the counters are in COUNTERS)
 STATUS = {
     "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "MASTER",
     "priority": 150, "effective_priority": 110, "maintenance": False, "draining": False, "faults": [],
-    "adverts": {"sent": 12, "received": 30, "rejected": {"auth": 2, "replay": 1}},
-    "notices": {"master_down": 1, "split_brain": 4},
-    "announce": {"announcements_sent": {"garp": 4, "na": 2}, "bursts": 1, "announcing": True},
+    "scheduling": {"realtime": True, "at_risk": False},
+    "announce": {"announcing": True},
     "dataplane": {"delivery": True, "objects": {"rules": 2, "routes": 2, "nft_rules": 3, "ipvs_services": 1,
-                                                 "ipvs_reals": 2},
-                  "reconcile": {"runs": 5, "operations": 9, "errors": 1, "drift_repairs": 1}},
+                                                 "ipvs_reals": 2}},
     "ipvs_available": True,
     "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 100, "state": "BACKUP",
                "last_seen_s": 0.05, "config_match": True}],
     "tracked": [{"name": "link:eth0", "kind": "interface", "state": "ok", "weight": 0, "results": {}},
                 {"name": "check:web", "kind": "check", "state": "failed", "weight": 40,
                  "results": {"ok": 3, "failed": 2, "timeout": 1}}],
-    "notify": {"results": {"ok": 3, "timeout": 1}},
-    "control": {"refused": 2},
 }
+COUNTERS = DaemonCounters(
+    adverts=AdvertCounters(sent=12, received=30, rejected={RejectReason.AUTH: 2, RejectReason.REPLAY: 1}),
+    notices=NoticeCounters({NoticeKind.MASTER_DOWN: 1, NoticeKind.SPLIT_BRAIN: 4}),
+    announce=AnnounceCounters(sent={AnnounceKind.GARP: 4, AnnounceKind.NA: 2}, bursts=1),
+    reconcile=ReconcileCounters(runs=5, operations=9, errors=1, drift_repairs=1),
+    notify=NotifyCounters({NotifyResult.OK: 3, NotifyResult.TIMEOUT: 1}),
+    control=ControlCounters(refused=2),
+)
 
 
 def samples(registry) -> dict[tuple[str, tuple], float]:
@@ -42,7 +64,7 @@ def samples(registry) -> dict[tuple[str, tuple], float]:
 
 
 def test_families_from_status():
-    reg, tel = build_registry(lambda: STATUS)
+    reg, tel = build_registry(lambda: STATUS, lambda: COUNTERS)
     tel.on_transition("BACKUP", "MASTER", "master_down", 10.0)
     tel.on_transition("INIT", "BACKUP", "start", 9.0)
     s = samples(reg)
@@ -72,9 +94,10 @@ def test_families_from_status():
 
 
 def test_control_limits_are_counted_by_reason():
-    st = {**STATUS, "control": {"refused": 1, "clients": 3,
-                                "rejected": {"too_many_clients": 1140, "idle_timeout": 56, "bad_request": 0}}}
-    reg, _ = build_registry(lambda: st)
+    counters = dataclasses.replace(COUNTERS, control=ControlCounters(
+        refused=1, clients=3,
+        rejected={ControlLimit.TOO_MANY_CLIENTS: 1140, ControlLimit.IDLE_TIMEOUT: 56, ControlLimit.BAD_REQUEST: 0}))
+    reg, _ = build_registry(lambda: STATUS, lambda: counters)
     s = samples(reg)
     p = "vipless_failover_"
     assert s[(p + "control_clients", ())] == 3
@@ -90,7 +113,7 @@ def test_reason_labels_keep_only_the_kind():
 
 
 def test_takeover_histogram_has_delivery_and_announcement_stages():
-    reg, tel = build_registry(lambda: STATUS)
+    reg, tel = build_registry(lambda: STATUS, lambda: COUNTERS)
     tel.on_transition("BACKUP", "MASTER", "master_down", 100.0)
     tel.on_delivery_installed(100.004, announcing=True)
     tel.poll_announcement(None)  # nothing sent yet
@@ -117,7 +140,7 @@ def test_takeover_histogram_has_delivery_and_announcement_stages():
 
 
 def test_split_brain_notices_are_counted_as_episodes():
-    reg, tel = build_registry(lambda: STATUS, split_brain_gap_s=1.0)
+    reg, tel = build_registry(lambda: STATUS, lambda: COUNTERS, split_brain_gap_s=1.0)
     for t in (10.0, 10.1, 10.2, 10.9, 11.5):  # one episode: notices < 1 s apart
         tel.on_split_brain(t)
     tel.on_split_brain(20.0)  # a second episode
@@ -126,7 +149,7 @@ def test_split_brain_notices_are_counted_as_episodes():
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) missing")
 def test_promtool_accepts_the_exposition():
-    reg, tel = build_registry(lambda: STATUS)
+    reg, tel = build_registry(lambda: STATUS, lambda: COUNTERS)
     tel.on_transition("BACKUP", "MASTER", "master_down", 1.0)
     text = generate_latest(reg)
     p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
@@ -157,7 +180,7 @@ class NullLog:
 
 async def test_http_listener_serves_metrics_only():
     scraped = []
-    reg, _ = build_registry(lambda: STATUS, on_scrape=lambda: scraped.append(1))
+    reg, _ = build_registry(lambda: STATUS, lambda: COUNTERS, on_scrape=lambda: scraped.append(1))
     server = MetricsServer("127.0.0.1", 0, reg, NullLog())
     await server.start()
     try:
@@ -184,7 +207,7 @@ async def test_a_burst_of_scrapes_renders_once_and_excess_connections_are_closed
     # issue 13: 500 concurrent scrapes rendered 500 times on the loop that sends adverts
     from vipless_failover import metrics as metrics_mod
     rendered = []
-    reg, _ = build_registry(lambda: STATUS, on_scrape=lambda: rendered.append(1))
+    reg, _ = build_registry(lambda: STATUS, lambda: COUNTERS, on_scrape=lambda: rendered.append(1))
     server = MetricsServer("127.0.0.1", 0, reg, NullLog())
     await server.start()
     try:
@@ -214,6 +237,7 @@ async def test_a_burst_of_scrapes_renders_once_and_excess_connections_are_closed
                 break
             await asyncio.sleep(0.01)
         assert (await _http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
-        assert server.counters() == {"scrapes": 14, "renders": 3, "busy": 1}
+        assert server.counters() == MetricsServerCounters(scrapes=14, renders=3, busy=1)
+        assert server.counters().as_dict() == {"scrapes": 14, "renders": 3, "busy": 1}
     finally:
         await server.close()

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from ..config import Config
+from ..telemetry import AnnounceCounters, AnnounceKind
 from .frames import IPv6, NaBuilder, build_per_vip_frames, expand_vips, garp_frame, mac_bytes, unsolicited_na_frame
 from .link import packet_socket, read_interface
 from .responder import NeighbourResponder, delivered_by_destination
@@ -52,11 +53,11 @@ class Announcer:
         self.mode = cfg.announce.mode
         self.first_sent_at: float | None = None
         self.last_burst_done_at: float | None = None
-        self.sent = {"garp": 0, "na": 0, "next_hop": 0}
+        self.sent = dict.fromkeys(AnnounceKind, 0)
         self.bursts = 0
         self.max_slice_s = 0.0  # longest wall time one send slice held the event loop
         self.max_slice_cpu_s = 0.0  # most CPU time one send slice used (not counting preemption)
-        self._segments: list[tuple[str, list[bytes]]] = []
+        self._segments: list[tuple[AnnounceKind, list[bytes]]] = []
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._responder: NeighbourResponder | None = None
@@ -98,7 +99,7 @@ class Announcer:
                 for i in range(0, len(v6), step):
                     na += [build(ip) for ip in v6[i:i + step]]
                     await asyncio.sleep(0)
-            self._segments = [("garp", arp), ("na", na)]
+            self._segments = [(AnnounceKind.GARP, arp), (AnnounceKind.NA, na)]
             answer_v4 = [a for net in ann.vips if net.version == 4 and not delivered_by_destination(cfg, net)
                          for a in (net if net.num_addresses > 1 else (net.network_address,))]
             if v6 or answer_v4:
@@ -115,7 +116,7 @@ class Announcer:
                 frames = [unsolicited_na_frame(self.mac, self.ll_src, nh.ip)]
             else:
                 frames = []
-            self._segments = [("next_hop", frames)]
+            self._segments = [(AnnounceKind.NEXT_HOP, frames)]
         self._sock = packet_socket(cfg.node.interface, 0, self.netns)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -142,13 +143,13 @@ class Announcer:
             self._responder.enable()
         self._task = asyncio.get_running_loop().create_task(self._run(reason, lead), name="announce")
 
-    def _lead(self) -> dict[str, int]:
+    def _lead(self) -> dict[AnnounceKind, int]:
         """Send the burst's first frames now (within the rate's first allowance).
         Returns how many of each segment went out; the burst goes on from there."""
         sock = self._sock
         assert sock is not None
         budget = min(LEAD_FRAMES, max(1, int(float(self.cfg.announce.rate_pps) * SLICE_S) or 1))
-        done: dict[str, int] = {}
+        done: dict[AnnounceKind, int] = {}
         for key, frames in self._segments:
             k = 0
             while k < len(frames) and budget > 0:
@@ -172,17 +173,22 @@ class Announcer:
         if self._responder is not None:
             self._responder.disable()
         if self._active:
-            self.log.info("announce.stopped", sent=dict(self.sent))
+            self.log.info("announce.stopped", sent=self.counters().as_dict()["announcements_sent"])
         self._active = False
 
+    def counters(self) -> AnnounceCounters:
+        """For status and metrics: frames sent by kind, bursts."""
+        return AnnounceCounters(sent=self.sent, bursts=self.bursts)
+
     def status(self) -> dict[str, Any]:
+        counted = self.counters().as_dict()
         out: dict[str, Any] = {
             "mode": self.mode,
             "announcing": self._active,
             "burst_running": self._task is not None and not self._task.done(),
-            "announcements_sent": dict(self.sent),
+            "announcements_sent": counted["announcements_sent"],
             "vips": self._n_vips,
-            "bursts": self.bursts,
+            "bursts": counted["bursts"],
         }
         if self._responder is not None:
             out["answered"] = dict(self._responder.answered)
@@ -205,7 +211,7 @@ class Announcer:
 
     # -- sending --------------------------------------------------------------
 
-    async def _run(self, reason: str, lead: dict[str, int] | None = None) -> None:
+    async def _run(self, reason: str, lead: dict[AnnounceKind, int] | None = None) -> None:
         ann = self.cfg.announce
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -226,7 +232,7 @@ class Announcer:
         except Exception as exc:  # noqa: BLE001 - never kill the daemon over an announcement
             self.log.error("announce.failed", error=repr(exc))
 
-    async def _burst(self, skip: dict[str, int] | None = None) -> None:
+    async def _burst(self, skip: dict[AnnounceKind, int] | None = None) -> None:
         """One pass over all frames, at most rate_pps, yielding every SLICE_S.
         ``skip``: frames of each segment already sent (by ``_lead``) just before."""
         sock = self._sock

@@ -46,6 +46,7 @@ from typing import Any
 
 from ..aio import cancel_and_wait
 from ..config import Config
+from ..telemetry import ReconcileCounters
 from . import desired as d, ipvs as _ipvs, nlcodec
 from .ipvs_plan import IpvsState, desired_ipvs
 from .marks import MarkTable, MarkTableError
@@ -213,18 +214,17 @@ class Dataplane:
         self._tasks.clear()
         self._stop_watching()
 
+    def counters(self) -> ReconcileCounters:
+        """For status and metrics: reconcile passes, operations, errors, drift repairs."""
+        return ReconcileCounters(runs=self._runs, operations=self._operations, errors=self._errors,
+                                 drift_repairs=self._drift_repairs)
+
     def status(self) -> dict[str, Any]:
         return {
             "delivery": bool(self.delivery),
             "objects": dict(self._objects),
             "ipvs_available": self.ipvs_available,
-            "reconcile": {
-                "runs": self._runs,
-                "operations": self._operations,
-                "errors": self._errors,
-                "drift_repairs": self._drift_repairs,
-                "last_error": self._last_error,
-            },
+            "reconcile": {**self.counters().as_dict(), "last_error": self._last_error},
         }
 
     # ------------------------------------------------------------ reconcile

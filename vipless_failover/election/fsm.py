@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..telemetry import NoticeKind
 from .protocol import Advert, Flag, State
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only: the core imports no config code at run time
@@ -154,12 +155,12 @@ class Refused:
 
 @dataclass(frozen=True)
 class Notice:
-    """Something worth a log line and a metric: split_brain, config_mismatch,
-    master_down, takeover_request, handover, drain_done, peer_restarting,
-    stale_handover (an offer to us that no longer stood when we could take it),
-    handover_failed (our successor never answered: we are master again)."""
+    """Something worth a log line and a metric, of a :class:`NoticeKind`: split_brain,
+    config_mismatch, master_down, takeover_request, handover, drain_done,
+    peer_restarting, stale_handover (an offer to us that no longer stood when we could
+    take it), handover_failed (our successor never answered: we are master again)."""
 
-    kind: str
+    kind: NoticeKind
     peer: str = ""
     detail: str = ""
 
@@ -467,7 +468,7 @@ class Election:
                            resend_at=now + self.interval, flags=flags, priority=prio,
                            command={Event.DEMOTE: "demote"}.get(event, ""))
         actions.append(SendAdvert(State.BACKUP, prio, flags, successor))
-        actions.append(Notice("handover", successor, event.value))
+        actions.append(Notice(NoticeKind.HANDOVER, successor, event.value))
         # do not send a plain BACKUP advert right away: the HANDOVER one is what peers need
         self.advert_at = now + self.backup_period
         # if the successor never shows up, take back over after the full master-down time
@@ -515,7 +516,7 @@ class Election:
                 and not (msg.flags & Flag.HANDOVER and msg.successor == self.p.node):
             # the sender moved on before we could answer (took back over, named another)
             self.offer = None
-            actions.append(Notice("stale_handover", msg.node,
+            actions.append(Notice(NoticeKind.STALE_HANDOVER, msg.node,
                                   f"offer withdrawn: a {msg.state.name} advert followed it, not taken"))
         match = msg.config_digest == self.p.config_digest
         self.peers[msg.node] = Peer(node=msg.node, address=msg.address, priority=msg.priority,
@@ -523,7 +524,7 @@ class Election:
                                     last_seen=now, config_match=match)
         if not match and msg.node not in self._mismatch_reported:
             self._mismatch_reported.add(msg.node)
-            actions.append(Notice("config_mismatch", msg.node, "shared config digest differs"))
+            actions.append(Notice(NoticeKind.CONFIG_MISMATCH, msg.node, "shared config digest differs"))
         elif match:
             self._mismatch_reported.discard(msg.node)
 
@@ -563,7 +564,7 @@ class Election:
         self.master = msg.node
         self.master_interval_ms = msg.advert_interval_ms
         if msg.flags & Flag.RESTARTING:
-            actions.append(Notice("peer_restarting", msg.node, f"hold {msg.hold_ms} ms"))
+            actions.append(Notice(NoticeKind.PEER_RESTARTING, msg.node, f"hold {msg.hold_ms} ms"))
             self._arm_master_down(now, at_least=msg.hold_ms / 1000.0)
             return actions
         if msg.priority < self.priority and self._may_preempt(now):
@@ -587,7 +588,7 @@ class Election:
             return []
         self.request_at = now + self.interval
         return [SendAdvert(State.BACKUP, self.priority, Flag.TAKEOVER_REQUEST, self.p.node),
-                Notice("takeover_request", self.master or "", why)]
+                Notice(NoticeKind.TAKEOVER_REQUEST, self.master or "", why)]
 
     def _master_hears(self, msg: Advert, now: float) -> list[Action]:
         if msg.flags & Flag.HANDOVER and msg.successor == self.p.node:
@@ -603,7 +604,7 @@ class Election:
             return actions
         if msg.state is not State.MASTER:
             return []
-        actions = [Notice("split_brain", msg.node, f"peer master priority {msg.priority}")]
+        actions = [Notice(NoticeKind.SPLIT_BRAIN, msg.node, f"peer master priority {msg.priority}")]
         if msg.priority > 0 and self._peer_beats_us(msg):
             actions += self._go(Event.HIGHER_MASTER, now, reason=f"higher_priority_master:{msg.node}")
             self.master = msg.node
@@ -626,14 +627,14 @@ class Election:
             if self.state is State.BACKUP and not self.maintenance and not self.faults and not self.stopping:
                 if now - o.last <= o.interval:
                     return self._go(Event.HANDOVER_TO_ME, now, reason=f"handover:{o.sender}")
-                actions.append(Notice("stale_handover", o.sender,
+                actions.append(Notice(NoticeKind.STALE_HANDOVER, o.sender,
                                       f"its latest offer arrived {(now - o.last) * 1000:.0f} ms before "
                                       f"it could be taken (re-sent every {o.interval * 1000:.0f} ms): not taken"))
         d = self.drain
         if d is not None:
             if now >= self._drain_end():
                 self.drain = None
-                actions += [WithdrawDelivery(), Notice("drain_done", d.successor,
+                actions += [WithdrawDelivery(), Notice(NoticeKind.DRAIN_DONE, d.successor,
                                                        "heard" if d.heard is not None else "cap")]
                 if self.stopping:
                     return [*actions, Exit()]
@@ -649,10 +650,10 @@ class Election:
                 if d is not None and d is self.drain and d.heard is None:
                     # our hand-over failed: the successor never answered; we take back over
                     why = f"{d.successor} did not take over within {(now - d.started) * 1000:.0f} ms"
-                    actions.append(Notice("handover_failed", d.successor, why))
+                    actions.append(Notice(NoticeKind.HANDOVER_FAILED, d.successor, why))
                     if d.command:
                         actions.append(Refused(d.command, why + "; master again"))
-                actions.append(Notice("master_down", self.master or ""))
+                actions.append(Notice(NoticeKind.MASTER_DOWN, self.master or ""))
                 return actions + self._go(Event.MASTER_DOWN, now)
         if self.promote_until is not None:
             if now >= self.promote_until:

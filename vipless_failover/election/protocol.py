@@ -55,6 +55,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..telemetry import RejectReason
+
 PROTOCOL_VERSION = 1
 
 
@@ -97,9 +99,10 @@ class Advert:
 class AdvertRejected(Exception):
     """A received message that is dropped (and counted by ``reason``)."""
 
-    REASONS = ("malformed", "version", "auth", "replay", "cluster", "stale", "future")
+    #: the reasons a decoder drops a message for (config_digest_mismatch is the daemon's)
+    REASONS = tuple(r for r in RejectReason if r is not RejectReason.CONFIG_DIGEST_MISMATCH)
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: RejectReason, detail: str = ""):
         assert reason in self.REASONS, reason
         self.reason = reason
         self.detail = detail
@@ -193,22 +196,22 @@ def _structural_length(data: bytes) -> int:
     n = len(data)
     off = _HEADER.size
     if n <= off:
-        raise AdvertRejected("malformed", f"truncated: {n} bytes")
+        raise AdvertRejected(RejectReason.MALFORMED, f"truncated: {n} bytes")
     family = data[off]
     if family not in _FAMILY_BYTES:
-        raise AdvertRejected("malformed", f"unknown address family {family}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"unknown address family {family}")
     off += 1 + _FAMILY_BYTES[family]
     if n <= off:
-        raise AdvertRejected("malformed", f"truncated: {n} bytes")
+        raise AdvertRejected(RejectReason.MALFORMED, f"truncated: {n} bytes")
     node_len = data[off]
     if not 1 <= node_len <= NAME_MAX_BYTES:
-        raise AdvertRejected("malformed", f"node name length {node_len}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"node name length {node_len}")
     off += 1 + node_len
     if n <= off:
-        raise AdvertRejected("malformed", f"truncated: {n} bytes")
+        raise AdvertRejected(RejectReason.MALFORMED, f"truncated: {n} bytes")
     successor_len = data[off]
     if successor_len > NAME_MAX_BYTES:
-        raise AdvertRejected("malformed", f"successor name length {successor_len}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"successor name length {successor_len}")
     return off + 1 + successor_len + TAG_BYTES
 
 
@@ -216,7 +219,7 @@ def _decode_name(field_name: str, raw: bytes) -> str:
     try:
         return raw.decode("utf-8", errors="strict")
     except UnicodeDecodeError:
-        raise AdvertRejected("malformed", f"{field_name} is not UTF-8") from None
+        raise AdvertRejected(RejectReason.MALFORMED, f"{field_name} is not UTF-8") from None
 
 
 def decode_advert(data: bytes, key: bytes, cluster_id: int | None = None) -> Advert:
@@ -233,40 +236,41 @@ def _decode(data: bytes, keys: tuple[bytes, ...], cluster_id: int | None) -> tup
     data = bytes(data)
     n = len(data)
     if n < 3:
-        raise AdvertRejected("malformed", f"truncated: {n} bytes")
+        raise AdvertRejected(RejectReason.MALFORMED, f"truncated: {n} bytes")
     if data[:2] != MAGIC:
-        raise AdvertRejected("malformed", "bad magic")
+        raise AdvertRejected(RejectReason.MALFORMED, "bad magic")
     if data[2] != PROTOCOL_VERSION:
-        raise AdvertRejected("version", f"version {data[2]}, expected {PROTOCOL_VERSION}")
+        raise AdvertRejected(RejectReason.VERSION, f"version {data[2]}, expected {PROTOCOL_VERSION}")
     if n < MIN_MESSAGE_BYTES:
-        raise AdvertRejected("malformed", f"truncated: {n} bytes")
+        raise AdvertRejected(RejectReason.MALFORMED, f"truncated: {n} bytes")
     if n > MAX_MESSAGE_BYTES:
-        raise AdvertRejected("malformed", f"too long: {n} bytes")
+        raise AdvertRejected(RejectReason.MALFORMED, f"too long: {n} bytes")
     expected = _structural_length(data)
     if n != expected:
         what = "truncated" if n < expected else "extra bytes"
-        raise AdvertRejected("malformed", f"{what}: {n} bytes, expected {expected}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"{what}: {n} bytes, expected {expected}")
     if cluster_id is not None and data[4] != cluster_id:
-        raise AdvertRejected("cluster", f"cluster {data[4]}, expected {cluster_id}")
+        raise AdvertRejected(RejectReason.CLUSTER, f"cluster {data[4]}, expected {cluster_id}")
     body, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
     for key_index, key in enumerate(keys):  # noqa: B007 - read after the loop: which key matched
         if hmac.compare_digest(tag, hmac.new(key, body, hashlib.sha256).digest()):
             break
     else:
-        raise AdvertRejected("auth", "HMAC mismatch" if len(keys) == 1 else f"HMAC matches none of {len(keys)} keys")
+        raise AdvertRejected(RejectReason.AUTH,
+                             "HMAC mismatch" if len(keys) == 1 else f"HMAC matches none of {len(keys)} keys")
 
     (_magic, _version, msg_type, cid, priority, state, flags, interval, hold, counter,
      digest) = _HEADER.unpack_from(body, 0)
     if msg_type != MSG_ADVERT:
-        raise AdvertRejected("malformed", f"unknown message type {msg_type}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"unknown message type {msg_type}")
     if cid == 0:
-        raise AdvertRejected("malformed", "cluster id 0")
+        raise AdvertRejected(RejectReason.MALFORMED, "cluster id 0")
     if state not in _STATES:
-        raise AdvertRejected("malformed", f"unknown state {state}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"unknown state {state}")
     if flags & ~_KNOWN_FLAGS:
-        raise AdvertRejected("malformed", f"unknown flag bits {flags & ~_KNOWN_FLAGS:#x}")
+        raise AdvertRejected(RejectReason.MALFORMED, f"unknown flag bits {flags & ~_KNOWN_FLAGS:#x}")
     if interval == 0:
-        raise AdvertRejected("malformed", "advert interval 0")
+        raise AdvertRejected(RejectReason.MALFORMED, "advert interval 0")
     off = _HEADER.size
     family = body[off]
     size = _FAMILY_BYTES[family]
@@ -332,14 +336,14 @@ class AdvertDecoder:
         if self._max_skew_us and now_us is not None:
             off = advert.counter - now_us
             if off < -self._max_skew_us:
-                raise AdvertRejected("stale", f"counter {-off / 1e6:.3f} s behind this clock (window "
-                                              f"{self._max_skew_us / 1e6:g} s) from {advert.node!r}")
+                raise AdvertRejected(RejectReason.STALE, f"counter {-off / 1e6:.3f} s behind this clock (window "
+                                                         f"{self._max_skew_us / 1e6:g} s) from {advert.node!r}")
             if off > self._max_skew_us:
-                raise AdvertRejected("future", f"counter {off / 1e6:.3f} s ahead of this clock (window "
-                                               f"{self._max_skew_us / 1e6:g} s) from {advert.node!r}")
+                raise AdvertRejected(RejectReason.FUTURE, f"counter {off / 1e6:.3f} s ahead of this clock (window "
+                                                          f"{self._max_skew_us / 1e6:g} s) from {advert.node!r}")
         last = self._last.get(advert.node)
         if last is not None and advert.counter <= last:
-            raise AdvertRejected("replay", f"counter {advert.counter} <= {last} from {advert.node!r}")
+            raise AdvertRejected(RejectReason.REPLAY, f"counter {advert.counter} <= {last} from {advert.node!r}")
         self._last[advert.node] = advert.counter
         self._last.move_to_end(advert.node)
         self.key_used[advert.node] = key_index

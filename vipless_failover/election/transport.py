@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 
 from vipless_failover.config import Config, IPAddress
+from vipless_failover.telemetry import TransportCounters
 
 # Linux values the socket module does not export on every Python build.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -271,13 +272,14 @@ class AdvertTransport:
 
     # ------------------------------------------------------------------ misc
 
-    def counters(self) -> dict[str, int]:
-        return {
-            "sent": self.sent, "send_errors": self.send_errors, "received": self.received,
-            "ttl_drops": self.ttl_drops, "foreign_drops": self.foreign_drops,
-            "oversize_drops": self.oversize_drops, "recv_errors": self.recv_errors,
-            "callback_errors": self.callback_errors, "drained": self.drained,
-        }
+    def counters(self) -> TransportCounters:
+        """For status: datagrams sent, received, dropped (by why) and drained."""
+        return TransportCounters(
+            sent=self.sent, send_errors=self.send_errors, received=self.received,
+            ttl_drops=self.ttl_drops, foreign_drops=self.foreign_drops,
+            oversize_drops=self.oversize_drops, recv_errors=self.recv_errors,
+            callback_errors=self.callback_errors, drained=self.drained,
+        )
 
     @property
     def closed(self) -> bool:

@@ -19,8 +19,11 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..telemetry import NoticeKind, RejectReason
+
 #: rejection reason -> notice kind, for adverts from a known peer address
-TROUBLE = {"auth": "auth_failed", "stale": "clock_skew", "future": "clock_skew"}
+TROUBLE = {RejectReason.AUTH: NoticeKind.AUTH_FAILED, RejectReason.STALE: NoticeKind.CLOCK_SKEW,
+           RejectReason.FUTURE: NoticeKind.CLOCK_SKEW}
 
 
 def fingerprint(key: bytes) -> str:
@@ -55,13 +58,13 @@ class PeerTrouble:
     def __init__(self, known: Iterable[Hashable] = (), min_gap_s: float = 10.0):
         self.known: set[Hashable] = set(known)
         self.min_gap_s = min_gap_s
-        self._last: dict[tuple[Hashable, str], float] = {}
+        self._last: dict[tuple[Hashable, NoticeKind], float] = {}
 
     def learn(self, address: Hashable) -> None:
         """``address`` sent an authentic advert: it is a peer's."""
         self.known.add(address)
 
-    def notice(self, reason: str, address: Hashable, now: float) -> str | None:
+    def notice(self, reason: RejectReason, address: Hashable, now: float) -> NoticeKind | None:
         """The notice kind to raise for this refusal now, or None."""
         kind = TROUBLE.get(reason)
         if kind is None or address not in self.known:
