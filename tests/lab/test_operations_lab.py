@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from netnslab.configgen import NodeSettings
-from netnslab.daemons import Cluster, Daemon, _bin
+from netnslab.daemons import Cluster, Daemon, _bin, event_time
 from vipless_failover.metrics import RENDER_REUSE_S
 
 pytestmark = pytest.mark.lab
@@ -183,6 +183,33 @@ def test_metrics_scrape_passes_promtool(make_cluster: Callable[..., Cluster]) ->
     assert metric(text_b, p + "master_down_expiries_total") == expiries + 1
     assert metric(text_b, p + "state", state="MASTER") == 1
     assert metric(text_b, p + "last_transition_timestamp_seconds") > time.time() - 10
+
+
+def test_scrapes_and_control_clients_at_once_serve_bounded_and_move_nothing(
+        make_cluster: Callable[..., Cluster], lab) -> None:
+    """The isolation figure's side-door load (netnslab.load), for 4 s on the master run
+    as its unit runs it: every second 500 concurrent scrapes (16 served at once, the
+    rest closed unread), 200 control clients (64 served at once, the rest turned away);
+    answers come back, the caps are counted, and the backup never takes over."""
+    cluster = make_cluster(start=False, a=NodeSettings(priority=150, metrics_listen=METRICS),
+                           b=NodeSettings(priority=100))
+    for d in cluster:
+        d.command_prefix = ["chrt", "-r", "10"]
+    cluster.start()
+    a, b = cluster[A], cluster[B]
+    cluster.wait_converged(CONVERGE_S, A)
+    t0 = time.time()
+    p = lab.exec(A, sys.executable, "-m", "netnslab.load", "--seconds", "4", "--scrape", METRICS,
+                 "--scrapes", "500", "--control", str(a.control_socket), "--control-clients", "200", timeout=60)
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert out["scrapes"].get("ok", 0) >= 4, out  # at least the first of each round is served
+    assert out["scrapes"].get("closed", 0) > 0, out  # the cap turned the rest away
+    assert out["control"].get("answered", 0) >= 4 * 50, out
+    assert out["control"].get("closed", 0) + out["control"].get("refused", 0) > 0, out
+    assert not [e for e in b.transitions() if e.get("to") == "MASTER" and (event_time(e) or 0) >= t0]
+    st = a.status_now()
+    assert st is not None and st["state"] == "MASTER"
+    assert st["metrics"]["busy"] > 0 and st["control"]["rejected"]["too_many_clients"] > 0, st
 
 
 # ---------------------------------------------------------------------------
