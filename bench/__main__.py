@@ -1,8 +1,9 @@
 """``python -m bench``: vipless-failover and keepalived side by side, in one run (root).
 
     python -m bench [--trials 10] [--sizes 1,1024,16384,65536]
-                    [--figures crash,graceful,flood,cost,scale,soak,no-rt] [--out bench/results]
+                    [--figures crash,graceful,flood,cost,scale,soak,no-rt,isolation] [--out bench/results]
                     [--cost-window 20] [--soak-min 30] [--soak-sample 30] [--no-rt-min 10]
+                    [--isolation-min 10]
                     [--quick] [--merge]
                     [--report-only]
 
@@ -12,6 +13,10 @@ bound and a bound hit is reported as such. The soak runs both daemons idle side 
 for ``--soak-min`` minutes and follows their memory. ``no-rt`` (issue 19, not in the
 default set: 2 x ``--trials`` x ``--no-rt-min`` minutes) runs each pair at 10 ms adverts
 without real-time priority under a CPU hog on every core (:mod:`bench.no_rt`).
+``isolation`` (issue 13, not in the default set: 2 intervals x 2 x ``--trials`` x
+``--isolation-min`` minutes) runs each pair at real-time priority under the hog, with
+scrapes, control clients and 65,536 VIPs' reloads and bursts on our master
+(:mod:`bench.isolation`).
 Writes ``results.json`` (every trial, after each figure), ``results.md`` (the table,
 also printed), ``machine.txt`` and PNG plots to ``--out``. ``--quick`` is a smoke run
 (2 trials, small sizes, short windows).
@@ -35,11 +40,11 @@ from typing import Any
 
 from netnslab import topology
 
-from . import no_rt, report, scenarios as S
+from . import isolation, no_rt, report, scenarios as S
 from .keepalived import KEEPALIVED
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ("crash", "graceful", "flood", "cost", "scale", "soak", "no-rt")
+FIGURES = ("crash", "graceful", "flood", "cost", "scale", "soak", "no-rt", "isolation")
 
 
 def machine_info() -> dict[str, str]:
@@ -179,6 +184,15 @@ def fig_no_rt(run: Run, minutes: float) -> None:
                 run.save()
 
 
+def fig_isolation(run: Run, minutes: float) -> None:
+    for interval_ms in isolation.TARGETS:
+        for i in range(run.n):
+            for kind in S.DAEMONS:
+                run.safe("isolation", isolation.variant(interval_ms), kind, i,
+                         lambda: isolation.isolation_trial(kind, i, interval_ms, minutes * 60))
+                run.save()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=10)
@@ -193,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak-sample", type=float, default=30.0, help="seconds between soak samples (default 30)")
     ap.add_argument("--no-rt-min", type=float, default=10.0,
                     help="minutes of CPU hog per no-rt trial (default 10)")
+    ap.add_argument("--isolation-min", type=float, default=10.0,
+                    help="minutes of hog and load per isolation trial (default 10)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 trials, sizes 1,1024, short windows")
     ap.add_argument("--merge", action="store_true",
                     help="keep the trials of the figures not in --figures from the existing results.json in "
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.trials, sizes, args.cost_window = 2, [s for s in sizes if s <= 1024] or [1], 3.0
-        args.soak_min, args.soak_sample, args.no_rt_min = 2.0, 10.0, 0.5
+        args.soak_min, args.soak_sample, args.no_rt_min, args.isolation_min = 2.0, 10.0, 0.5, 0.5
     run = Run(out, args.trials)
     figures = args.figures.split(",")
     unknown = [f for f in figures if f not in FIGURES]
@@ -257,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 fig_soak(run, args.soak_min, args.soak_sample, settle_s)
             elif fig == "no-rt":
                 fig_no_rt(run, args.no_rt_min)
+            elif fig == "isolation":
+                fig_isolation(run, args.isolation_min)
         info["duration_min"] = f"{(time.time() - t0) / 60:.0f}"
         (out / "machine.json").write_text(json.dumps(info, indent=1))
         (out / "machine.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n")

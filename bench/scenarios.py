@@ -118,10 +118,10 @@ class OursPair(Pair):
     kind = "ours"
 
     def __init__(self, lab: topology.Lab, interval_ms: int, *, vips: Sequence[str] | None = None,
-                 preempt: bool = True, rate_pps: int | None = None):
-        over: dict[str, Any] = {}
+                 preempt: bool = True, rate_pps: int | None = None, overrides: dict[str, Any] | None = None):
+        over: dict[str, Any] = dict(overrides or {})
         if rate_pps is not None:
-            over = {"announce": {"rate_pps": rate_pps}}
+            over["announce"] = {**over.get("announce", {}), "rate_pps": rate_pps}
         common: dict[str, Any] = dict(advert_interval_ms=interval_ms, preempt=preempt, overrides=over)
         if vips is not None:
             common["vips"] = tuple(vips)
@@ -173,7 +173,7 @@ class KaPair(Pair):
     kind = "keepalived"
 
     def __init__(self, lab: topology.Lab, interval_ms: int, *, vips: Sequence[str] | None = None,
-                 preempt: bool = True, next_hop: bool = False):
+                 preempt: bool = True, next_hop: bool = False, extra_global: Sequence[str] = ()):
         vips = list(vips) if vips is not None else [str(v) for v in topology.DEFAULT_VIPS]
         kw: dict[str, Any] = {}
         if next_hop:
@@ -189,7 +189,8 @@ class KaPair(Pair):
             kw = dict(vips=tuple(v + ("/128" if ":" in v else "/32") for v in vips))
         self.lab = lab
         self.kas = {d: Keepalived(lab, d, KaSettings(priority=PRIO[d], advert_interval_ms=interval_ms,
-                                                     preempt=preempt, **kw)) for d in (A, B)}
+                                                     preempt=preempt, extra_global=tuple(extra_global), **kw))
+                    for d in (A, B)}
 
     def start(self, timeout: float) -> None:
         for k in self.kas.values():
@@ -392,8 +393,11 @@ class WireWatch:
     (``limit``) and stopped by :meth:`close`, a :class:`WireFrame` for every frame from
     one of ``macs`` that :func:`classify_frame` names."""
 
-    def __init__(self, ns: str, iface: str, macs: Sequence[str], limit: int = 200_000):
+    def __init__(self, ns: str, iface: str, macs: Sequence[str], limit: int = 200_000,
+                 kinds: Sequence[str] | None = None):
         self.macs = {m.lower() for m in macs}
+        #: record only frames of these kinds (None: all); the limit counts what is recorded
+        self.kinds = None if kinds is None else frozenset(kinds)
         self.iface = iface
         self.limit = limit
         self.frames: list[WireFrame] = []
@@ -420,7 +424,7 @@ class WireWatch:
             if addr[0] != self.iface or addr[2] == PACKET_OUTGOING:
                 continue
             kind = classify_frame(data)
-            if kind is None:
+            if kind is None or (self.kinds is not None and kind not in self.kinds):
                 continue
             src = data[6:12].hex(":")
             if src not in self.macs:
