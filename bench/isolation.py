@@ -72,12 +72,7 @@ def isolation_trial(kind: str, index: int, interval_ms: int, seconds: float) -> 
         watch: S.WireWatch | None = None
         spawned: list[topology.Spawned] = []
         try:
-            pair.start(timeout=60)
-            deadline = time.monotonic() + 20
-            while (master := pair.master()) != S.A:  # director-a preempts
-                if time.monotonic() > deadline:
-                    raise topology.LabError(f"{kind}: director-a is not master after the start ({master})")
-                time.sleep(0.1)
+            S.start_with_a_master(pair, timeout=60, master_within=20)
             pids = {d: pair.pids(d) for d in (S.A, S.B)}
             policies = {d: no_rt.policies(p) for d, p in pids.items()}
             # adverts only: a burst is 65,536 frames from the same MAC

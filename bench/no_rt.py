@@ -102,12 +102,7 @@ def no_rt_trial(kind: str, index: int, interval_ms: int, seconds: float) -> S.Tr
         watch: S.WireWatch | None = None
         steal: StealWatch | None = None
         try:
-            pair.start(timeout=30)
-            deadline = time.monotonic() + 10
-            while (master := pair.master()) != S.A:  # director-a preempts
-                if time.monotonic() > deadline:
-                    raise topology.LabError(f"{kind}: director-a is not master after the start ({master})")
-                time.sleep(0.1)
+            S.start_with_a_master(pair, timeout=30, master_within=10)
             pids = {d: pair.pids(d) for d in (S.A, S.B)}
             sched = {d: policies(p) for d, p in pids.items()}
             watch = S.WireWatch(lab.ns("router"), lab.router.iface, [lab.mac(S.A), lab.mac(S.B)],

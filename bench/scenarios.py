@@ -232,6 +232,16 @@ class KaPair(Pair):
                    if line.t >= t and "Entering " in line.text and " STATE" in line.text)
 
 
+def start_with_a_master(pair: Pair, timeout: float, master_within: float) -> None:
+    """Start the pair and wait until director-a (the higher priority) is master."""
+    pair.start(timeout=timeout)
+    deadline = time.monotonic() + master_within
+    while (master := pair.master()) != A:  # director-a preempts
+        if time.monotonic() > deadline:
+            raise topology.LabError(f"{pair.kind}: director-a is not master after the start ({master})")
+        time.sleep(0.1)
+
+
 def make_pair(kind: str, lab: topology.Lab, interval_ms: int, **kw: Any) -> Pair:
     if kind == "ours":
         kw.pop("next_hop", None)
