@@ -282,6 +282,7 @@ class Daemon:
             return
         announcing = bool(self.announcer.status().get("announcing"))
         await self.announcer.close()
+        fresh.carry_counts(self.announcer)  # counters of a process never go back (Prometheus)
         self.announcer = fresh
         gc.freeze()  # the new frames, like those built at start
         if announcing:

@@ -692,6 +692,23 @@ def test_reload_applies_new_tracking_and_hooks(make_cluster: Callable[..., Clust
     assert st["effective_priority"] == 150 and not [t for t in st["tracked"] if t["name"] == "check:gone"]
 
 
+def test_a_reload_that_replaces_the_announcer_keeps_its_counts(pair: Cluster) -> None:
+    """A reload with a changed [announce] builds a new announcer; its frames and bursts
+    counters go on from the old one's (a Prometheus counter that goes back reads as a
+    process restart, and rate() spikes)."""
+    a = pair[A]
+    pair.wait_converged(CONVERGE_S, A)
+    wait_for(lambda: not a.status()["announce"]["burst_running"], 10, "the takeover's bursts done")
+    before = a.status()["announce"]
+    assert before["bursts"] >= 1 and sum(before["announcements_sent"].values()) > 0
+    a.reconfigure(overrides={"announce": {"repeats": 1}})
+    assert ctl(a, "reload")[0] == 0
+    after = a.status()["announce"]
+    assert after["bursts"] >= before["bursts"], (before, after)
+    for kind, n in before["announcements_sent"].items():
+        assert after["announcements_sent"][kind] >= n, (before, after)
+
+
 # ---------------------------------------------------------------------------
 # reload = start (issue 13)
 

@@ -184,6 +184,13 @@ class Announcer:
             self.log.info("announce.stopped", sent=self.counters().as_dict()["announcements_sent"])
         self._active = False
 
+    def carry_counts(self, old: Announcer) -> None:
+        """Continue ``old``'s counts (a reload replaces the announcer; the process's
+        counters must not go back)."""
+        for kind, n in old.sent.items():
+            self.sent[kind] += n
+        self.bursts += old.bursts
+
     def counters(self) -> AnnounceCounters:
         """For status and metrics: frames sent by kind, bursts."""
         return AnnounceCounters(sent=self.sent, bursts=self.bursts)
