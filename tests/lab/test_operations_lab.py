@@ -268,7 +268,6 @@ def test_every_command_answers_with_its_schema(pair: Cluster) -> None:
     assert st["pid"] == pid and a.pid == pid
     a.wait_state("MASTER", 5)
     assert b.state() == "BACKUP"
-    from netnslab.daemons import event_time
     # (b may have been master for a moment at start-up, before a's interpreter was up)
     assert not [t for t in b.transitions() if t.get("to") == "MASTER" and event_time(t) > t_restart]
 
@@ -521,7 +520,6 @@ def test_failing_check_forces_fault_and_the_backup_takes_over(make_cluster: Call
     ev = b.wait_transition("MASTER", 3, after=t0)
     a.wait_state("FAULT", 2)
     # fall=2 at 100 ms, then an immediate hand-over: well under a second
-    from netnslab.daemons import event_time
     assert event_time(ev) - t0 < 1.0
     st = a.status()
     assert st["faults"] == ["check:svc"]
@@ -567,7 +565,6 @@ def test_tracked_interface_link_down_forces_fault(make_cluster: Callable[..., Cl
     t0 = time.time()
     subprocess.run(["ip", "-n", ns, "link", "set", tk1, "down"], check=True)  # tk0 loses carrier
     ev = b.wait_transition("MASTER", 3, after=t0)
-    from netnslab.daemons import event_time
     assert event_time(ev) - t0 < 0.5  # a netlink event, not polling
     st = a.wait_state("FAULT", 2)
     assert st["faults"] == [f"link:{tk0}"]
@@ -722,7 +719,6 @@ def ctl_socket(d: Daemon, *args: str, timeout: float = 10.0) -> subprocess.Compl
 
 
 def test_reload_restart_and_check_config_refuse_what_start_refuses(pair: Cluster, lab) -> None:
-    from netnslab.daemons import event_time
     a, b = pair[A], pair[B]
     pair.wait_converged(CONVERGE_S, A)
     good = a.config_path.read_text()
@@ -784,7 +780,6 @@ def test_reload_restart_and_check_config_refuse_what_start_refuses(pair: Cluster
 
 
 def test_reload_of_a_fifo_is_refused_at_once_while_adverts_go_on(pair: Cluster) -> None:
-    from netnslab.daemons import event_time
     a, b = pair[A], pair[B]
     pair.wait_converged(CONVERGE_S, A)
     good = a.config_path.read_text()
@@ -864,7 +859,6 @@ def _fds(pid: int) -> int:
 
 def test_a_connection_flood_from_a_group_member_harms_nothing(make_cluster: Callable[..., Cluster], temp_users,
                                                               ctl_for_users: list[str]) -> None:
-    from netnslab.daemons import event_time
     group, member, _ = temp_users
     cluster = make_cluster(start=False, a=NodeSettings(priority=150, overrides={"control": {"group": group}}))
     a, b = cluster[A], cluster[B]

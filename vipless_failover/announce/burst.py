@@ -85,8 +85,9 @@ class Announcer:
             # thread, which the interpreter preempts every switch interval (5 ms), not on
             # the loop, where it delayed the election's adverts by as much (a reload at
             # 65,536 VIPs: 135-152 ms gaps at 100 ms adverts, the isolation figure)
-            arp, na, v6, responder = await asyncio.to_thread(self._build_per_vip, facts["index"])
-            if v6 and self.ll_src is None:
+            arp, na, n_v4, n_v6, responder = await asyncio.to_thread(self._build_per_vip, facts["index"])
+            self._n_vips = n_v4 + n_v6
+            if n_v6 and self.ll_src is None:
                 self.log.error("announce.no_ipv6_source", interface=cfg.node.interface,
                                detail="no IPv6 address on the interface: IPv6 VIPs are not announced")
             self._segments = [(AnnounceKind.GARP, arp), (AnnounceKind.NA, na)]
@@ -113,14 +114,14 @@ class Announcer:
                       frames=sum(len(f) for _, f in self._segments),
                       mac=":".join(f"{b:02x}" for b in self.mac))
 
-    def _build_per_vip(self, ifindex: int) -> tuple[list[bytes], list[bytes], int, NeighbourResponder | None]:
-        """Per-VIP mode's frames (GARP, NA), how many IPv6 VIPs, and the responder for
-        them (not yet open). Pure computation over the config; run in a worker thread."""
+    def _build_per_vip(self, ifindex: int) -> tuple[list[bytes], list[bytes], int, int, NeighbourResponder | None]:
+        """Per-VIP mode's frames (GARP, NA), how many IPv4 and IPv6 VIPs, and the
+        responder for them (not yet open). Computation over the config only, changing
+        nothing of ``self``: it runs in a worker thread."""
         cfg = self.cfg
         ann = cfg.announce
         assert self.mac is not None
         v4, v6 = expand_vips(ann.vips)
-        self._n_vips = len(v4) + len(v6)
         arp = build_per_vip_frames(self.mac, None, v4, [], ann.garp_forms)[0] if v4 else []
         na: list[bytes] = []
         if self.ll_src is not None:
@@ -132,7 +133,7 @@ class Announcer:
         if v6 or answer_v4:
             responder = NeighbourResponder(cfg.node.interface, ifindex, self.mac, self.ll_src,
                                            answer_v4, v6, self.netns, self.log)
-        return arp, na, len(v6), responder
+        return arp, na, len(v4), len(v6), responder
 
     # -- control --------------------------------------------------------------
 
