@@ -12,9 +12,14 @@ arrived (the kernel's receive time), however late it is handled: the daemon hand
 every advert waiting in its socket, in arrival order, before a timer or a command, so
 the election decides on true arrival times; ``handled_at`` says when it is handled.
 
-State changes are listed in one table, :data:`TRANSITIONS`; ``docs/state-diagram.md``
-is generated from it (``python -m vipless_failover.election.fsm``). Everything else an
-input does (resetting a timer, re-asserting, recording a peer) leaves the state as it is.
+State changes are listed in one table, :data:`TRANSITIONS`. Three small named machines
+run beside it, each with its own table, as h11 names its small machines: the hand-over
+``drain`` (:data:`DRAIN_TRANSITIONS`), a pending ``promote`` (:data:`PROMOTE_TRANSITIONS`)
+and the graceful ``stop`` (:data:`STOP_TRANSITIONS`); every change of any of them is
+checked against its table, and an undeclared one raises :class:`LocalError`.
+``docs/state-diagram.md`` is drawn from the four tables (``python -m
+vipless_failover.election.fsm``). Everything else an input does (resetting a timer,
+re-asserting, recording a peer) leaves the states as they are.
 
 Hand-over (``demote``, ``promote``, preemption, SIGTERM) never has two nodes advertising
 as master or announcing at once: the old master first sends a HANDOVER advert naming its
@@ -31,8 +36,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..telemetry import NoticeKind
 from .protocol import Advert, Flag, State
@@ -227,12 +233,159 @@ class LocalError(Exception):
     """The FSM was driven wrongly by its own caller (a bug, not a peer's fault)."""
 
 
+# ---------------------------------------------------------------------------
+# the small machines beside it
+
+
+S = TypeVar("S", bound=enum.Enum)
+E = TypeVar("E", bound=enum.Enum)
+
+
+class SubMachine(Generic[S, E]):
+    """A small named machine beside the election's own: its state, and the table
+    (state -> event -> new state) every change of it is checked against."""
+
+    def __init__(self, name: str, table: Mapping[S, Mapping[E, S]], initial: S):
+        self.name = name
+        self.table = table
+        self.initial = initial
+        self.state = initial
+
+    def go(self, event: E) -> S:
+        """Change state on ``event``; one the table does not declare raises LocalError."""
+        try:
+            new = self.table[self.state][event]
+        except KeyError:
+            raise LocalError(f"{self.name}: no transition from {self.state.name} on {event.value}") from None
+        self.state = new
+        return new
+
+    def __repr__(self) -> str:
+        return f"<{self.name} machine: {self.state.name}>"
+
+
+class DrainState(enum.Enum):
+    """The hand-over drain: the old master keeps its delivery rules after it stopped
+    being master, until the router has moved to the new one."""
+
+    IDLE = "idle"  # no drain: delivering as master, or not at all
+    HANDING_OVER = "handing_over"  # HANDOVER sent (re-sent every interval); no master heard yet
+    DRAINING = "draining"  # a master heard: delivering for drain_margin more (drain_max at most)
+
+
+class DrainEvent(enum.Enum):
+    HAND_OVER = "hand_over"  # we handed over (demote, maintenance, stop, a takeover request)
+    YIELD = "yield"  # we yielded to a higher-priority master, heard already
+    MASTER_HEARD = "master_heard"  # a master's advert
+    DONE = "drain_done"  # drain_margin after hearing a master, or drain_max
+    MASTER = "master"  # we are master again: took back (the successor never answered), or were handed it
+    FAULT = "fault"  # we faulted: delivery withdrawn at once
+
+
+#: drain state -> event -> new state.
+DRAIN_TRANSITIONS: dict[DrainState, dict[DrainEvent, DrainState]] = {
+    DrainState.IDLE: {
+        DrainEvent.HAND_OVER: DrainState.HANDING_OVER,
+        DrainEvent.YIELD: DrainState.DRAINING,
+    },
+    DrainState.HANDING_OVER: {
+        DrainEvent.MASTER_HEARD: DrainState.DRAINING,
+        DrainEvent.DONE: DrainState.IDLE,
+        DrainEvent.MASTER: DrainState.IDLE,
+        DrainEvent.FAULT: DrainState.IDLE,
+    },
+    DrainState.DRAINING: {
+        DrainEvent.DONE: DrainState.IDLE,
+        DrainEvent.MASTER: DrainState.IDLE,
+        DrainEvent.FAULT: DrainState.IDLE,
+    },
+}
+
+
+class PromoteState(enum.Enum):
+    """An operator's promote on a backup: ask the master to hand over, until it does."""
+
+    IDLE = "idle"
+    REQUESTING = "requesting"  # a takeover request every interval, until promote_until
+
+
+class PromoteEvent(enum.Enum):
+    PROMOTE = "promote"  # the command (again: the wait starts over)
+    MASTER = "master"  # we became master (handed over, or by our timer)
+    EXPIRED = "expired"  # promote_until passed: refused
+    CANCELLED = "cancelled"  # a stop, maintenance or a fault ended it (no Refused)
+
+
+#: promote state -> event -> new state.
+PROMOTE_TRANSITIONS: dict[PromoteState, dict[PromoteEvent, PromoteState]] = {
+    PromoteState.IDLE: {
+        PromoteEvent.PROMOTE: PromoteState.REQUESTING,
+    },
+    PromoteState.REQUESTING: {
+        PromoteEvent.PROMOTE: PromoteState.REQUESTING,
+        PromoteEvent.MASTER: PromoteState.IDLE,
+        PromoteEvent.EXPIRED: PromoteState.IDLE,
+        PromoteEvent.CANCELLED: PromoteState.IDLE,
+    },
+}
+
+
+class StopState(enum.Enum):
+    """The process's life as the election sees it."""
+
+    RUNNING = "running"
+    STOPPING = "stopping"  # a graceful stop: handing over and draining, then Exit
+    RESTARTING = "restarting"  # a restart in place: the RESTARTING advert, then Exit at once
+    FINISHED = "finished"  # an Exit was returned: the election neither sends nor decides anything more
+
+
+class StopEvent(enum.Enum):
+    STOP = "stop"  # Stop()
+    RESTART = "restart"  # Stop(restart=True)
+    EXIT = "exit"  # an Exit action was returned
+
+
+#: stop state -> event -> new state.
+STOP_TRANSITIONS: dict[StopState, dict[StopEvent, StopState]] = {
+    StopState.RUNNING: {
+        StopEvent.STOP: StopState.STOPPING,
+        StopEvent.RESTART: StopState.RESTARTING,
+    },
+    StopState.STOPPING: {
+        StopEvent.STOP: StopState.STOPPING,  # asked again while draining: the drain ends with Exit
+        StopEvent.RESTART: StopState.RESTARTING,
+        StopEvent.EXIT: StopState.FINISHED,
+    },
+    StopState.RESTARTING: {
+        StopEvent.EXIT: StopState.FINISHED,
+    },
+}
+
+#: every small machine's name, table and initial state, in the order they are drawn
+SUB_MACHINES: tuple[tuple[str, Mapping[Any, Mapping[Any, Any]], enum.Enum], ...] = (
+    ("drain", DRAIN_TRANSITIONS, DrainState.IDLE),
+    ("promote", PROMOTE_TRANSITIONS, PromoteState.IDLE),
+    ("stop", STOP_TRANSITIONS, StopState.RUNNING),
+)
+
+
 def mermaid_diagram() -> str:
-    """The state diagram, drawn from :data:`TRANSITIONS`."""
+    """The state diagram, drawn from :data:`TRANSITIONS`, with each small machine of
+    :data:`SUB_MACHINES` as a composite state of its own name (its states prefixed
+    with it: several have an ``IDLE``)."""
     lines = ["stateDiagram-v2", "    [*] --> INIT"]
     for src, events in TRANSITIONS.items():
         for event, dst in events.items():
             lines.append(f"    {src.name} --> {dst.name}: {event.value}")
+    for name, table, initial in SUB_MACHINES:
+        states = list(dict.fromkeys([*table, *(dst for row in table.values() for dst in row.values())]))
+        lines.append(f"    state {name} {{")
+        lines += [f'        state "{st.name}" as {name}_{st.name}' for st in states]
+        lines.append(f"        [*] --> {name}_{initial.name}")
+        for sub, sub_events in table.items():
+            for sub_event, sub_dst in sub_events.items():
+                lines.append(f"        {name}_{sub.name} --> {name}_{sub_dst.name}: {sub_event.value}")
+        lines.append("    }")
     return "\n".join(lines) + "\n"
 
 
@@ -276,7 +429,8 @@ class Peer:
 
 @dataclass
 class Drain:
-    """The old master after a hand-over: still delivering, no longer master."""
+    """The data of the drain machine (:class:`DrainState`) while it is not IDLE: the old
+    master after a hand-over, still delivering, no longer master."""
 
     successor: str
     started: float
@@ -328,20 +482,35 @@ class Election:
         self.master_interval_ms = params.advert_interval_ms
         self.master_down_at: float | None = None
         self.advert_at: float | None = None
+        #: the hand-over drain; ``drain`` holds its data while it is not IDLE
+        self.drain_machine: SubMachine[DrainState, DrainEvent] = SubMachine("drain", DRAIN_TRANSITIONS,
+                                                                             DrainState.IDLE)
         self.drain: Drain | None = None
         self.offer: Offer | None = None
-        self.stopping = False
-        #: an Exit was returned: the process is leaving and this election is over; it
-        #: neither sends nor decides anything more (a restarting master's later advert
-        #: would cancel the hold its RESTARTING advert asked of the peers)
-        self.finished = False
+        #: the graceful stop (see :attr:`stopping`, :attr:`finished`)
+        self.stop_machine: SubMachine[StopState, StopEvent] = SubMachine("stop", STOP_TRANSITIONS, StopState.RUNNING)
         self.yielded = False  # handed over on request: do not preempt the new master
         self.started_at: float | None = None
-        self.promote_until: float | None = None  # a promote is pending until then
+        #: an operator's promote; REQUESTING until ``promote_until`` at most
+        self.promote_machine: SubMachine[PromoteState, PromoteEvent] = SubMachine("promote", PROMOTE_TRANSITIONS,
+                                                                                   PromoteState.IDLE)
+        self.promote_until: float = 0.0  # while REQUESTING: refused if not master by then
         self.request_at: float = 0.0  # next takeover request may be sent at
         self.preempt_requests = 0  # unanswered preempt requests to the current master
         self.history: deque[HistoryEntry] = deque(maxlen=self.HISTORY)
         self._mismatch_reported: set[str] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """A graceful stop (or restart) is under way."""
+        return self.stop_machine.state in (StopState.STOPPING, StopState.RESTARTING)
+
+    @property
+    def finished(self) -> bool:
+        """An Exit was returned: the process is leaving and this election is over; it
+        neither sends nor decides anything more (a restarting master's later advert
+        would cancel the hold its RESTARTING advert asked of the peers)."""
+        return self.stop_machine.state is StopState.FINISHED
 
     # -- timing -------------------------------------------------------------
 
@@ -366,9 +535,9 @@ class Election:
         times = [self.advert_at, self.master_down_at]
         if self.drain is not None:
             times.append(self._drain_end())
-            if self.drain.heard is None:
+            if self.drain_machine.state is DrainState.HANDING_OVER:
                 times.append(self.drain.resend_at)
-        if self.promote_until is not None:
+        if self.promote_machine.state is PromoteState.REQUESTING:
             times.append(min(self.promote_until, self.request_at))
         if self.offer is not None:
             times.append(self.offer.decide_at)
@@ -381,6 +550,25 @@ class Election:
         if d.heard is None:
             return d.cap
         return min(d.cap, d.heard + self.p.drain_margin_ms / 1000.0)
+
+    # -- the small machines -------------------------------------------------
+
+    def _drain_go(self, event: DrainEvent, drain: Drain | None = None) -> None:
+        """Move the drain machine; its data goes with it (``drain``: the new drain's)."""
+        if self.drain_machine.go(event) is DrainState.IDLE:
+            self.drain = None
+        elif drain is not None:
+            self.drain = drain
+
+    def _end_drain(self, event: DrainEvent) -> None:
+        """End a drain under way, if any (we are master again, or faulted)."""
+        if self.drain_machine.state is not DrainState.IDLE:
+            self._drain_go(event)
+
+    def _end_promote(self, event: PromoteEvent) -> None:
+        """End a promote under way, if any (without a Refused: the caller says it)."""
+        if self.promote_machine.state is PromoteState.REQUESTING:
+            self.promote_machine.go(event)
 
     # -- helpers ------------------------------------------------------------
 
@@ -409,12 +597,12 @@ class Election:
             if old is State.MASTER:
                 actions.append(StopAnnounce())
                 self.master = None
-            elif self.drain is None:
+            elif self.drain_machine.state is DrainState.IDLE:
                 actions.append(WithdrawDelivery())
         elif new is State.FAULT:
             self.master_down_at = None
             self.advert_at = None
-            self.promote_until = None
+            self._end_promote(PromoteEvent.CANCELLED)
             if old is State.MASTER:
                 # hand over at once: the best backup needs no skew wait
                 best = self._best_backup(now)
@@ -422,8 +610,7 @@ class Election:
                             SendAdvert(State.FAULT, 0, Flag.HANDOVER | Flag.STOPPING if best else Flag.STOPPING,
                                        best.node if best else "")]
                 self.master = None
-            if self.drain is not None:
-                self.drain = None
+            self._end_drain(DrainEvent.FAULT)
             actions.append(WithdrawDelivery())
             if self.stopping:
                 actions.append(Exit())  # a fault during a graceful stop ends it
@@ -434,9 +621,9 @@ class Election:
         self.preempt_requests = 0
         self.master_interval_ms = self.p.advert_interval_ms
         self.master_down_at = None
-        self.promote_until = None
+        self._end_promote(PromoteEvent.MASTER)
         self.yielded = False
-        self.drain = None
+        self._end_drain(DrainEvent.MASTER)
         self.offer = None
         self.advert_at = now + self.interval
         # delivery first (packets the router sends on must be taken), then the router
@@ -464,9 +651,10 @@ class Election:
         prio = self.priority if priority is None else priority
         actions = self._go(event, now, reason=f"{event.value}:{successor}")
         # _go(BACKUP) emitted StopAnnounce; the HANDOVER advert must follow it at once.
-        self.drain = Drain(successor=successor, started=now, cap=now + self.p.drain_max_ms / 1000.0,
-                           resend_at=now + self.interval, flags=flags, priority=prio,
-                           command={Event.DEMOTE: "demote"}.get(event, ""))
+        self._drain_go(DrainEvent.HAND_OVER, Drain(
+            successor=successor, started=now, cap=now + self.p.drain_max_ms / 1000.0,
+            resend_at=now + self.interval, flags=flags, priority=prio,
+            command={Event.DEMOTE: "demote"}.get(event, "")))
         actions.append(SendAdvert(State.BACKUP, prio, flags, successor))
         actions.append(Notice(NoticeKind.HANDOVER, successor, event.value))
         # do not send a plain BACKUP advert right away: the HANDOVER one is what peers need
@@ -492,19 +680,20 @@ class Election:
                       handled_at: float | None = None) -> list[Action]:
         """An authentic, fresh advert from a peer (the decoder has checked it) that
         arrived at ``now`` and is handled at ``handled_at`` (default: ``now``)."""
-        return self._finish([] if self.finished else self._advert_in(msg, src, now, handled_at))
+        return [] if self.finished else self._finish(self._advert_in(msg, src, now, handled_at))
 
     def handle_timer(self, now: float) -> list[Action]:
         """The deadline of :meth:`next_deadline` was reached."""
-        return self._finish([] if self.finished else self._timer(now))
+        return [] if self.finished else self._finish(self._timer(now))
 
     def handle_command(self, cmd: Command, now: float) -> list[Action]:
         """A command (start, stop, operator commands, faults, priority)."""
-        return self._finish([] if self.finished else self._command(cmd, now))
+        return [] if self.finished else self._finish(self._command(cmd, now))
 
     def _finish(self, actions: list[Action]) -> list[Action]:
+        """After every input: whether it was the last."""
         if any(isinstance(a, Exit) for a in actions):
-            self.finished = True
+            self.stop_machine.go(StopEvent.EXIT)
         return actions
 
     def _advert_in(self, msg: Advert, src: IPAddress, now: float, handled_at: float | None) -> list[Action]:
@@ -559,8 +748,9 @@ class Election:
             return actions
         if msg.state is not State.MASTER:
             return actions
-        if self.drain is not None and self.drain.heard is None:
+        if self.drain is not None and self.drain_machine.state is DrainState.HANDING_OVER:
             self.drain.heard = now
+            self._drain_go(DrainEvent.MASTER_HEARD)
         self.master = msg.node
         self.master_interval_ms = msg.advert_interval_ms
         if msg.flags & Flag.RESTARTING:
@@ -579,7 +769,7 @@ class Election:
             return actions + sent
         self.preempt_requests = 0
         self._arm_master_down(now)
-        if self.promote_until is not None:
+        if self.promote_machine.state is PromoteState.REQUESTING:
             actions += self._request_takeover(now, "promote")
         return actions
 
@@ -611,8 +801,8 @@ class Election:
             self.master_interval_ms = msg.advert_interval_ms
             self._arm_master_down(now)
             # keep delivering for the margin: the router may still send to us
-            self.drain = Drain(successor=msg.node, started=now, cap=now + self.p.drain_max_ms / 1000.0,
-                               heard=now)
+            self._drain_go(DrainEvent.YIELD, Drain(successor=msg.node, started=now,
+                                                   cap=now + self.p.drain_max_ms / 1000.0, heard=now))
             # tell the winner we yielded: it re-announces, so the router ends pointing at it
             return [*actions, SendAdvert(State.BACKUP, self.priority, Flag.HANDOVER, msg.node)]
         # a lower-priority master: re-assert so stale router caches heal
@@ -633,12 +823,12 @@ class Election:
         d = self.drain
         if d is not None:
             if now >= self._drain_end():
-                self.drain = None
+                self._drain_go(DrainEvent.DONE)
                 actions += [WithdrawDelivery(), Notice(NoticeKind.DRAIN_DONE, d.successor,
                                                        "heard" if d.heard is not None else "cap")]
                 if self.stopping:
                     return [*actions, Exit()]
-            elif d.heard is None and now >= d.resend_at:
+            elif self.drain_machine.state is DrainState.HANDING_OVER and now >= d.resend_at:
                 d.resend_at = now + self.interval
                 actions.append(SendAdvert(State.BACKUP, d.priority, d.flags, d.successor))
         if self.state is State.BACKUP and self.master_down_at is not None and now >= self.master_down_at:
@@ -647,7 +837,7 @@ class Election:
                 self._arm_master_down(now)
             else:
                 self.master_interval_ms = self.p.advert_interval_ms
-                if d is not None and d is self.drain and d.heard is None:
+                if d is not None and self.drain_machine.state is DrainState.HANDING_OVER:
                     # our hand-over failed: the successor never answered; we take back over
                     why = f"{d.successor} did not take over within {(now - d.started) * 1000:.0f} ms"
                     actions.append(Notice(NoticeKind.HANDOVER_FAILED, d.successor, why))
@@ -655,9 +845,9 @@ class Election:
                         actions.append(Refused(d.command, why + "; master again"))
                 actions.append(Notice(NoticeKind.MASTER_DOWN, self.master or ""))
                 return actions + self._go(Event.MASTER_DOWN, now)
-        if self.promote_until is not None:
+        if self.promote_machine.state is PromoteState.REQUESTING:
             if now >= self.promote_until:
-                self.promote_until = None
+                self.promote_machine.go(PromoteEvent.EXPIRED)
                 actions.append(Refused("promote", "the master did not hand over in time"))
             elif now >= self.request_at:
                 actions += self._request_takeover(now, "promote")
@@ -665,101 +855,123 @@ class Election:
             period = self.interval if self.state is State.MASTER else self.backup_period
             behind = now - self.advert_at
             self.advert_at = (self.advert_at + period) if behind < period else now + period
-            if self.drain is None or self.drain.heard is not None:
+            if self.drain_machine.state is not DrainState.HANDING_OVER:
                 actions.append(self._advert())
         return actions
 
+    # -- commands: one method each ----------------------------------------------
+
     def _command(self, cmd: Command, now: float) -> list[Action]:
         match cmd:
-            case Start(resume_master=resume):
-                if self.state is not State.INIT:
-                    raise LocalError("Start twice")
-                self.started_at = now
-                if self.faults:
-                    return self._go(Event.FAULT, now, reason="fault:" + ",".join(sorted(self.faults)))
-                if resume:
-                    return self._go(Event.RESUME, now, reason="resume_after_restart")
-                return [*self._go(Event.START, now), self._advert()]  # peers learn of us at once
-            case Stop(restart=True):
-                self.stopping = True
-                if self.state is State.MASTER:
-                    return [self._advert(flags=Flag.RESTARTING, hold_ms=self.p.restart_hold_ms,
-                                         priority=self.priority),
-                            Exit(restart=True)]
-                return [Exit(restart=True)]
+            case Start():
+                return self._on_start(cmd, now)
             case Stop():
-                self.stopping = True
-                self.promote_until = None
-                if self.state is State.MASTER:
-                    best = self._best_backup(now)
-                    if best is None:
-                        actions: list[Action] = self._go(Event.STOP, now, reason="stop:no_backup")
-                        self.drain = None
-                        return [*actions, SendAdvert(State.BACKUP, 0, Flag.STOPPING), WithdrawDelivery(), Exit()]
-                    return self._hand_over(Event.STOP, now, best.node,
-                                           flags=Flag.HANDOVER | Flag.STOPPING, priority=0)
-                if self.state is State.BACKUP and self.drain is not None:
-                    return []  # the drain ends with Exit
-                actions = []
-                if self.state is State.BACKUP:
-                    actions.append(SendAdvert(State.BACKUP, 0, Flag.STOPPING))
-                return [*actions, WithdrawDelivery(), Exit()]
+                return self._on_stop(cmd, now)
             case Promote():
-                if self.state is State.MASTER:
-                    return []
-                if self.state is not State.BACKUP or self.faults:
-                    return [Refused("promote", f"state is {self.state.name}")]
-                if self.maintenance:
-                    return [Refused("promote", "maintenance mode is on")]
-                if self.stopping:
-                    return [Refused("promote", "stopping")]
-                self.yielded = False
-                # Ask whoever is master to hand over. With no master known (just
-                # started, or the master left), a live master we have not heard yet
-                # still answers; if none does, our master-down timer makes us master.
-                self.promote_until = now + self.master_down_interval() + self.interval
-                self.request_at = now
-                return self._request_takeover(now, "promote")
+                return self._on_promote(now)
             case Demote():
-                if self.state is not State.MASTER:
-                    return [Refused("demote", f"not master (state is {self.state.name})")]
-                best = self._best_backup(now)
-                if best is None:
-                    return [Refused("demote", "no live backup to hand over to")]
-                actions = self._hand_over(Event.DEMOTE, now, best.node)
-                self.yielded = True
-                return actions
-            case SetMaintenance(on=on):
-                if not on:
-                    self.maintenance = False
-                    return []
-                if self.state is State.MASTER:
-                    best = self._best_backup(now)
-                    if best is None:
-                        return [Refused("maintenance", "no live backup to hand over to")]
-                    self.maintenance = True
-                    return self._hand_over(Event.MAINTENANCE, now, best.node)
-                self.maintenance = True
-                self.promote_until = None
-                return []
-            case SetFault(item=item, failed=failed):
-                if failed:
-                    self.faults.add(item)
-                    if self.state is State.INIT:
-                        return []
-                    if self.state is not State.FAULT:
-                        return self._go(Event.FAULT, now, reason=f"fault:{item}")
-                    return []
-                self.faults.discard(item)
-                if self.state is State.FAULT and not self.faults:
-                    return [*self._go(Event.FAULT_CLEARED, now, reason=f"recovered:{item}"), self._advert()]
-                return []
-            case SetPriority(priority=prio):
-                if not 1 <= prio <= 254:
-                    raise LocalError(f"priority must be 1..254, got {prio}")
-                self.priority = prio
-                return []
+                return self._on_demote(now)
+            case SetMaintenance():
+                return self._on_maintenance(cmd, now)
+            case SetFault():
+                return self._on_fault(cmd, now)
+            case SetPriority():
+                return self._on_priority(cmd)
         raise LocalError(f"unknown command {cmd!r}")
+
+    def _on_start(self, cmd: Start, now: float) -> list[Action]:
+        if self.state is not State.INIT:
+            raise LocalError("Start twice")
+        self.started_at = now
+        if self.faults:
+            return self._go(Event.FAULT, now, reason="fault:" + ",".join(sorted(self.faults)))
+        if cmd.resume_master:
+            return self._go(Event.RESUME, now, reason="resume_after_restart")
+        return [*self._go(Event.START, now), self._advert()]  # peers learn of us at once
+
+    def _on_stop(self, cmd: Stop, now: float) -> list[Action]:
+        if cmd.restart:
+            self.stop_machine.go(StopEvent.RESTART)
+            if self.state is State.MASTER:
+                return [self._advert(flags=Flag.RESTARTING, hold_ms=self.p.restart_hold_ms, priority=self.priority),
+                        Exit(restart=True)]
+            return [Exit(restart=True)]
+        self.stop_machine.go(StopEvent.STOP)
+        self._end_promote(PromoteEvent.CANCELLED)
+        if self.state is State.MASTER:
+            best = self._best_backup(now)
+            if best is None:
+                # (no drain: a master has none)
+                actions: list[Action] = self._go(Event.STOP, now, reason="stop:no_backup")
+                return [*actions, SendAdvert(State.BACKUP, 0, Flag.STOPPING), WithdrawDelivery(), Exit()]
+            return self._hand_over(Event.STOP, now, best.node, flags=Flag.HANDOVER | Flag.STOPPING, priority=0)
+        if self.state is State.BACKUP and self.drain_machine.state is not DrainState.IDLE:
+            return []  # the drain ends with Exit
+        actions = []
+        if self.state is State.BACKUP:
+            actions.append(SendAdvert(State.BACKUP, 0, Flag.STOPPING))
+        return [*actions, WithdrawDelivery(), Exit()]
+
+    def _on_promote(self, now: float) -> list[Action]:
+        if self.state is State.MASTER:
+            return []
+        if self.state is not State.BACKUP or self.faults:
+            return [Refused("promote", f"state is {self.state.name}")]
+        if self.maintenance:
+            return [Refused("promote", "maintenance mode is on")]
+        if self.stopping:
+            return [Refused("promote", "stopping")]
+        self.yielded = False
+        # Ask whoever is master to hand over. With no master known (just started, or
+        # the master left), a live master we have not heard yet still answers; if none
+        # does, our master-down timer makes us master.
+        self.promote_machine.go(PromoteEvent.PROMOTE)
+        self.promote_until = now + self.master_down_interval() + self.interval
+        self.request_at = now
+        return self._request_takeover(now, "promote")
+
+    def _on_demote(self, now: float) -> list[Action]:
+        if self.state is not State.MASTER:
+            return [Refused("demote", f"not master (state is {self.state.name})")]
+        best = self._best_backup(now)
+        if best is None:
+            return [Refused("demote", "no live backup to hand over to")]
+        actions = self._hand_over(Event.DEMOTE, now, best.node)
+        self.yielded = True
+        return actions
+
+    def _on_maintenance(self, cmd: SetMaintenance, now: float) -> list[Action]:
+        if not cmd.on:
+            self.maintenance = False
+            return []
+        if self.state is State.MASTER:
+            best = self._best_backup(now)
+            if best is None:
+                return [Refused("maintenance", "no live backup to hand over to")]
+            self.maintenance = True
+            return self._hand_over(Event.MAINTENANCE, now, best.node)
+        self.maintenance = True
+        self._end_promote(PromoteEvent.CANCELLED)
+        return []
+
+    def _on_fault(self, cmd: SetFault, now: float) -> list[Action]:
+        if cmd.failed:
+            self.faults.add(cmd.item)
+            if self.state is State.INIT:
+                return []
+            if self.state is not State.FAULT:
+                return self._go(Event.FAULT, now, reason=f"fault:{cmd.item}")
+            return []
+        self.faults.discard(cmd.item)
+        if self.state is State.FAULT and not self.faults:
+            return [*self._go(Event.FAULT_CLEARED, now, reason=f"recovered:{cmd.item}"), self._advert()]
+        return []
+
+    def _on_priority(self, cmd: SetPriority) -> list[Action]:
+        if not 1 <= cmd.priority <= 254:
+            raise LocalError(f"priority must be 1..254, got {cmd.priority}")
+        self.priority = cmd.priority
+        return []
 
     # -- reporting ------------------------------------------------------------
 
@@ -802,6 +1014,8 @@ __all__ = [
     "LocalError", "Notice", "Offer", "Params", "Peer", "Promote", "Refused", "SendAdvert", "SetFault",
     "SetMaintenance", "SetPriority", "Start", "StartAnnounce", "State", "Stop", "StopAnnounce",
     "TRANSITIONS", "Transition", "WithdrawDelivery", "mermaid_diagram",
+    "SubMachine", "SUB_MACHINES", "DrainState", "DrainEvent", "DRAIN_TRANSITIONS", "PromoteState",
+    "PromoteEvent", "PROMOTE_TRANSITIONS", "StopState", "StopEvent", "STOP_TRANSITIONS",
 ]
 
 
