@@ -48,6 +48,11 @@ def check_in_step(e: fsm.Election) -> None:
         assert e.state is State.BACKUP and not e.stopping and not e.faults and not e.maintenance
     assert e.stopping == (e.stop_machine.state in (StopState.STOPPING, StopState.RESTARTING))
     assert e.finished == (e.stop_machine.state is StopState.FINISHED)
+    # an awaited command is completed by the input that does it
+    if e.state is State.MASTER:
+        assert "promote" not in e.awaiting
+    elif e.master not in (None, e.p.node):
+        assert "demote" not in e.awaiting and "maintenance" not in e.awaiting
 
 
 def checked_pair(**kw) -> Sim:

@@ -21,6 +21,13 @@ checked against its table, and an undeclared one raises :class:`LocalError`.
 vipless_failover.election.fsm``). Everything else an input does (resetting a timer,
 re-asserting, recording a peer) leaves the states as they are.
 
+The operator's commands (``promote``, ``demote``, ``maintenance``) are answered by an
+action: :class:`Refused` (and why), or :class:`Completed` once done, maybe several
+inputs later, at the end of the input that did it: a ``promote`` when this node is
+master, a ``demote`` (or ``maintenance`` on a master) when it is no longer master and
+knows the other node that is. A promote whose requests a stop, maintenance or a fault
+ended is neither refused nor completed then; its Completed stays due.
+
 Hand-over (``demote``, ``promote``, preemption, SIGTERM) never has two nodes advertising
 as master or announcing at once: the old master first sends a HANDOVER advert naming its
 successor and stops announcing (it is BACKUP from then on); the successor becomes master
@@ -160,6 +167,17 @@ class Refused:
 
 
 @dataclass(frozen=True)
+class Completed:
+    """An operator's command is done (``promote``, ``demote``, ``maintenance``); ``data``
+    says how: for ``promote`` {"state": "MASTER"} (plus "note": "already master" if it
+    was), for ``demote`` and ``maintenance`` on a master {"state": ..., "master": the
+    node now master}; {} for ``maintenance`` that needed no hand-over."""
+
+    command: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something worth a log line and a metric, of a :class:`NoticeKind`: split_brain,
     config_mismatch, master_down, takeover_request, handover, drain_done,
@@ -172,7 +190,7 @@ class Notice:
 
 
 Action = (SendAdvert | Transition | InstallDelivery | WithdrawDelivery | StartAnnounce
-          | StopAnnounce | Exit | Refused | Notice)
+          | StopAnnounce | Exit | Refused | Completed | Notice)
 
 
 # ---------------------------------------------------------------------------
@@ -496,6 +514,8 @@ class Election:
                                                                                    PromoteState.IDLE)
         self.promote_until: float = 0.0  # while REQUESTING: refused if not master by then
         self.request_at: float = 0.0  # next takeover request may be sent at
+        #: the operator's commands whose Completed is due once they are done, in order
+        self.awaiting: list[str] = []
         self.preempt_requests = 0  # unanswered preempt requests to the current master
         self.history: deque[HistoryEntry] = deque(maxlen=self.HISTORY)
         self._mismatch_reported: set[str] = set()
@@ -569,6 +589,29 @@ class Election:
         """End a promote under way, if any (without a Refused: the caller says it)."""
         if self.promote_machine.state is PromoteState.REQUESTING:
             self.promote_machine.go(event)
+
+    def _await(self, command: str) -> None:
+        if command not in self.awaiting:
+            self.awaiting.append(command)
+
+    def _completion(self, command: str) -> dict[str, Any] | None:
+        """The data of ``command``'s Completed if it is done now, else None."""
+        if command == "promote":
+            return {"state": self.state.name} if self.state is State.MASTER else None
+        # demote, maintenance: handed over, and the node now master heard
+        if self.state is not State.MASTER and self.master not in (None, self.p.node):
+            return {"state": self.state.name, "master": self.master}
+        return None
+
+    def _completions(self) -> list[Action]:
+        """A Completed for each awaited command that is done now."""
+        done: list[Action] = []
+        for command in list(self.awaiting):
+            data = self._completion(command)
+            if data is not None:
+                self.awaiting.remove(command)
+                done.append(Completed(command, data))
+        return done
 
     # -- helpers ------------------------------------------------------------
 
@@ -691,7 +734,9 @@ class Election:
         return [] if self.finished else self._finish(self._command(cmd, now))
 
     def _finish(self, actions: list[Action]) -> list[Action]:
-        """After every input: whether it was the last."""
+        """After every input: the commands it completed, then whether it was the last."""
+        if self.awaiting:
+            actions += self._completions()
         if any(isinstance(a, Exit) for a in actions):
             self.stop_machine.go(StopEvent.EXIT)
         return actions
@@ -843,12 +888,14 @@ class Election:
                     actions.append(Notice(NoticeKind.HANDOVER_FAILED, d.successor, why))
                     if d.command:
                         actions.append(Refused(d.command, why + "; master again"))
+                        self._give_up(d.command)
                 actions.append(Notice(NoticeKind.MASTER_DOWN, self.master or ""))
                 return actions + self._go(Event.MASTER_DOWN, now)
         if self.promote_machine.state is PromoteState.REQUESTING:
             if now >= self.promote_until:
                 self.promote_machine.go(PromoteEvent.EXPIRED)
                 actions.append(Refused("promote", "the master did not hand over in time"))
+                self._give_up("promote")
             elif now >= self.request_at:
                 actions += self._request_takeover(now, "promote")
         if self.advert_at is not None and now >= self.advert_at and self.state in (State.MASTER, State.BACKUP):
@@ -858,6 +905,11 @@ class Election:
             if self.drain_machine.state is not DrainState.HANDING_OVER:
                 actions.append(self._advert())
         return actions
+
+    def _give_up(self, command: str) -> None:
+        """``command`` was refused after it was taken on: its Completed is no longer due."""
+        if command in self.awaiting:
+            self.awaiting.remove(command)
 
     # -- commands: one method each ----------------------------------------------
 
@@ -914,7 +966,7 @@ class Election:
 
     def _on_promote(self, now: float) -> list[Action]:
         if self.state is State.MASTER:
-            return []
+            return [Completed("promote", {"state": State.MASTER.name, "note": "already master"})]
         if self.state is not State.BACKUP or self.faults:
             return [Refused("promote", f"state is {self.state.name}")]
         if self.maintenance:
@@ -928,6 +980,7 @@ class Election:
         self.promote_machine.go(PromoteEvent.PROMOTE)
         self.promote_until = now + self.master_down_interval() + self.interval
         self.request_at = now
+        self._await("promote")
         return self._request_takeover(now, "promote")
 
     def _on_demote(self, now: float) -> list[Action]:
@@ -938,21 +991,23 @@ class Election:
             return [Refused("demote", "no live backup to hand over to")]
         actions = self._hand_over(Event.DEMOTE, now, best.node)
         self.yielded = True
+        self._await("demote")
         return actions
 
     def _on_maintenance(self, cmd: SetMaintenance, now: float) -> list[Action]:
         if not cmd.on:
             self.maintenance = False
-            return []
+            return [Completed("maintenance", {})]
         if self.state is State.MASTER:
             best = self._best_backup(now)
             if best is None:
                 return [Refused("maintenance", "no live backup to hand over to")]
             self.maintenance = True
+            self._await("maintenance")
             return self._hand_over(Event.MAINTENANCE, now, best.node)
         self.maintenance = True
         self._end_promote(PromoteEvent.CANCELLED)
-        return []
+        return [Completed("maintenance", {})]
 
     def _on_fault(self, cmd: SetFault, now: float) -> list[Action]:
         if cmd.failed:
@@ -1010,7 +1065,7 @@ class Election:
 
 
 __all__ = [
-    "Action", "Command", "Demote", "Drain", "Election", "Event", "Exit", "InstallDelivery",
+    "Action", "Command", "Completed", "Demote", "Drain", "Election", "Event", "Exit", "InstallDelivery",
     "LocalError", "Notice", "Offer", "Params", "Peer", "Promote", "Refused", "SendAdvert", "SetFault",
     "SetMaintenance", "SetPriority", "Start", "StartAnnounce", "State", "Stop", "StopAnnounce",
     "TRANSITIONS", "Transition", "WithdrawDelivery", "mermaid_diagram",
