@@ -2,7 +2,8 @@
 
 Pure: no sockets, no clock, no kernel. The daemon feeds it
 
-* ``handle_advert(msg, src, now)`` for every authentic advert,
+* ``handle_advert(msg, src, now)`` for every authentic advert (a wire-neutral
+  :class:`~.events.PeerAdvert`, or the protocol's ``Advert``, read as one),
 * ``handle_timer(now)`` when ``next_deadline()`` has passed,
 * ``handle_command(cmd, now)`` for Start/Stop/Promote/Demote/faults/priority,
 
@@ -48,10 +49,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..telemetry import NoticeKind
-from .protocol import Advert, Flag, State
+from .events import PeerAdvert
+from .protocol import Flag, State
 
-if TYPE_CHECKING:  # pragma: no cover - annotations only: the core imports no config code at run time
+if TYPE_CHECKING:  # pragma: no cover - annotations only: the core imports no config or codec code at run time
     from ..config import Config
+    from .protocol import Advert
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -706,7 +709,7 @@ class Election:
         self.master_down_at = now + self.master_down_interval()
         return actions
 
-    def _peer_beats_us(self, msg: Advert) -> bool:
+    def _peer_beats_us(self, msg: PeerAdvert) -> bool:
         if msg.priority != self.priority:
             return msg.priority > self.priority
         return int(msg.address) > int(self.p.address)
@@ -719,11 +722,15 @@ class Election:
 
     # -- inputs -------------------------------------------------------------
 
-    def handle_advert(self, msg: Advert, src: IPAddress, now: float,
+    def handle_advert(self, msg: PeerAdvert | Advert, src: IPAddress, now: float,
                       handled_at: float | None = None) -> list[Action]:
         """An authentic, fresh advert from a peer (the decoder has checked it) that
-        arrived at ``now`` and is handled at ``handled_at`` (default: ``now``)."""
-        return [] if self.finished else self._finish(self._advert_in(msg, src, now, handled_at))
+        arrived at ``now`` and is handled at ``handled_at`` (default: ``now``). A
+        protocol :class:`~.protocol.Advert` is read as a :class:`PeerAdvert`."""
+        if self.finished:
+            return []
+        peer = msg if isinstance(msg, PeerAdvert) else PeerAdvert.from_advert(msg)
+        return self._finish(self._advert_in(peer, src, now, handled_at))
 
     def handle_timer(self, now: float) -> list[Action]:
         """The deadline of :meth:`next_deadline` was reached."""
@@ -741,13 +748,13 @@ class Election:
             self.stop_machine.go(StopEvent.EXIT)
         return actions
 
-    def _advert_in(self, msg: Advert, src: IPAddress, now: float, handled_at: float | None) -> list[Action]:
+    def _advert_in(self, msg: PeerAdvert, src: IPAddress, now: float, handled_at: float | None) -> list[Action]:
         if msg.node == self.p.node:
             return []
         late = handled_at is not None and handled_at > now
         actions: list[Action] = []
         if self.offer is not None and msg.node == self.offer.sender \
-                and not (msg.flags & Flag.HANDOVER and msg.successor == self.p.node):
+                and not (msg.handover and msg.successor == self.p.node):
             # the sender moved on before we could answer (took back over, named another)
             self.offer = None
             actions.append(Notice(NoticeKind.STALE_HANDOVER, msg.node,
@@ -770,9 +777,9 @@ class Election:
             self.master = msg.node  # INIT/FAULT: remember who serves, for status
         return actions
 
-    def _backup_hears(self, msg: Advert, now: float, late_at: float | None = None) -> list[Action]:
+    def _backup_hears(self, msg: PeerAdvert, now: float, late_at: float | None = None) -> list[Action]:
         actions: list[Action] = []
-        if msg.flags & Flag.HANDOVER:
+        if msg.handover:
             if msg.successor == self.p.node and not self.maintenance and not self.faults \
                     and not self.stopping:
                 if late_at is None:
@@ -798,7 +805,7 @@ class Election:
             self._drain_go(DrainEvent.MASTER_HEARD)
         self.master = msg.node
         self.master_interval_ms = msg.advert_interval_ms
-        if msg.flags & Flag.RESTARTING:
+        if msg.restarting:
             actions.append(Notice(NoticeKind.PEER_RESTARTING, msg.node, f"hold {msg.hold_ms} ms"))
             self._arm_master_down(now, at_least=msg.hold_ms / 1000.0)
             return actions
@@ -825,12 +832,12 @@ class Election:
         return [SendAdvert(State.BACKUP, self.priority, Flag.TAKEOVER_REQUEST, self.p.node),
                 Notice(NoticeKind.TAKEOVER_REQUEST, self.master or "", why)]
 
-    def _master_hears(self, msg: Advert, now: float) -> list[Action]:
-        if msg.flags & Flag.HANDOVER and msg.successor == self.p.node:
+    def _master_hears(self, msg: PeerAdvert, now: float) -> list[Action]:
+        if msg.handover and msg.successor == self.p.node:
             # a peer that was master too (split brain) yielded to us: heal the router
             self.advert_at = now + self.interval
             return [self._advert(), StartAnnounce("peer_yielded")]
-        if msg.flags & Flag.TAKEOVER_REQUEST and msg.state is State.BACKUP:
+        if msg.takeover_request and msg.state is State.BACKUP:
             if msg.priority == 0:
                 return []
             promote = msg.priority <= self.priority  # a lower node asked: it was promoted
@@ -1071,6 +1078,7 @@ __all__ = [
     "TRANSITIONS", "Transition", "WithdrawDelivery", "mermaid_diagram",
     "SubMachine", "SUB_MACHINES", "DrainState", "DrainEvent", "DRAIN_TRANSITIONS", "PromoteState",
     "PromoteEvent", "PROMOTE_TRANSITIONS", "StopState", "StopEvent", "STOP_TRANSITIONS",
+    "PeerAdvert",
 ]
 
 
