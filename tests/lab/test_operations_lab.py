@@ -41,6 +41,7 @@ import pytest
 
 from netnslab.configgen import NodeSettings
 from netnslab.daemons import Cluster, Daemon, _bin, event_time
+from vipless_failover.election.fsm import BACKUP_ADVERT_PERIOD_S
 from vipless_failover.metrics import RENDER_REUSE_S
 
 pytestmark = pytest.mark.lab
@@ -219,7 +220,10 @@ def test_scrapes_and_control_clients_at_once_serve_bounded_and_move_nothing(
 def test_every_command_answers_with_its_schema(pair: Cluster) -> None:
     a, b = pair[A], pair[B]
     pair.wait_converged(CONVERGE_S, A)
-    time.sleep(0.3)
+    # B's first advert (sent at its start) may reach A before A listens; A then hears
+    # B at B's next backup advert, one BACKUP_ADVERT_PERIOD_S later
+    wait_for(lambda: (a.status_now() or {}).get("peers"), 2 * BACKUP_ADVERT_PERIOD_S + 0.5,
+             "the master has heard its backup")
     code, st, _ = ctl(a, "status")
     assert code == 0
     check_status(st)
