@@ -41,6 +41,7 @@ import errno
 import gc
 import socket
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,14 @@ ALL_PARTS = (PART_DELIVERY, PART_MARKS, PART_IPVS)
 
 class Dataplane:
     def __init__(self, cfg: Config, log: Any, netns: str | None = None,
-                 ipvs_owned_path: Path | str | None = None):
+                 ipvs_owned_path: Path | str | None = None,
+                 delivery_source: Callable[[], bool | None] | None = None):
+        """``delivery_source``: where the wanted delivery is decided, when not here (the
+        election process flips the rules itself and says so in a shared flag, see
+        election/process.py): a delivery pass reads it after it has read the rules, so
+        it never undoes a flip it has not heard of yet."""
         self.cfg = cfg
+        self._delivery_source = delivery_source
         self.log = log
         self.netns = netns
         #: None until the daemon decides (start leaves matching rules alone meanwhile)
@@ -154,14 +161,23 @@ class Dataplane:
         async with self._delivery_lock:
             self._flip(on)
 
+    @property
+    def flip_rules(self) -> tuple[d.RuleSpec, ...]:
+        """The rules a flip adds or deletes, in the order it sends them."""
+        return self._flip_rules
+
     def _flip(self, on: bool) -> None:
-        self.delivery = bool(on)
         t0 = time.perf_counter()
         try:
-            results = self._rules.flip(self._flip_rules, self.delivery)
+            results = self._rules.flip(self._flip_rules, bool(on))
         except OSError as exc:
             results = [(rule, exc.errno or -1) for rule in self._flip_rules]
-        took_ms = (time.perf_counter() - t0) * 1000
+        self.flipped(bool(on), results, (time.perf_counter() - t0) * 1000)
+
+    def flipped(self, on: bool, results: Sequence[tuple[d.RuleSpec, int | None]], took_ms: float) -> None:
+        """A flip done (here, or by the election process): counted, logged, and
+        verified by the next pass if any rule's result was not a plain success."""
+        self.delivery = on
         done = [rule for rule, err in results if err == 0]
         self._operations += len(done)
         self._objects["rules"] = max(0, self._objects["rules"] + (len(done) if on else -len(done)))
@@ -194,6 +210,7 @@ class Dataplane:
         await self._stop_tasks()
         if not self._started:
             return
+        self._delivery_source = None  # stopping: withdrawn, whatever was decided elsewhere
         self.delivery = False
         self._warm = not self.cfg.dataplane.remove_on_stop
         try:
@@ -276,6 +293,13 @@ class Dataplane:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"reading rules/routes: {exc}")
             return 0
+        if self._delivery_source is not None:
+            # read after the rules: a flip the rules show is in the flag too (the
+            # election process sets it first), so this pass never undoes one
+            decided = self._delivery_source()
+            if decided is not None and decided != self.delivery:
+                self.delivery = decided
+            want = self.desired()
         want_rules = want.rules
         if self.delivery is None:
             # role not decided yet: keep our rules that match, add none, drop leftovers

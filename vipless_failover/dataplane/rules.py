@@ -159,13 +159,73 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+def open_rtnl_socket(netns: str | None = None) -> socket.socket:
+    """A bound, non-blocking NETLINK_ROUTE socket of our own (in ``netns``, if named)."""
+    from ..netns import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    try:
+        sock.bind((0, 0))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class RuleFlipper:
+    """The takeover's flip: our delivery rules added (or deleted) in one system call on
+    a netlink socket of its own. Needs no event loop and no pyroute2: the election
+    process (election/process.py) flips with it, and :class:`DeliveryRules` too."""
+
+    def __init__(self, netns: str | None = None):
+        self._sock: socket.socket | None = open_rtnl_socket(netns)
+        self._seq = 0
+
+    def flip(self, rules: Sequence[RuleSpec], add: bool) -> list[tuple[RuleSpec, int | None]]:
+        """Add (or delete) ``rules`` in one system call. Returns each rule with its result:
+        0 done, an errno (EEXIST: already there; ENOENT: already gone) or None (no
+        acknowledgement: unknown). Never blocks."""
+        if self._sock is None:
+            raise RuntimeError("RuleFlipper is closed")
+        self._drain()  # stale acknowledgements of an earlier batch, if any
+        seqs = [self._next_seq() for _ in rules]
+        self._sock.send(b"".join(encode_rule_request(r, add, s) for r, s in zip(rules, seqs, strict=True)))
+        acks = self._drain()
+        return [(r, acks.get(s)) for r, s in zip(rules, seqs, strict=True)]
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._seq
+
+    def _drain(self) -> dict[int, int]:
+        assert self._sock is not None
+        acks: dict[int, int] = {}
+        for _ in range(64):  # bounded: a batch is a few rules
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                raise
+            acks.update(nlcodec.parse_acks(data))
+        return acks
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class DeliveryRules:
     """Reads and changes our rules and routes in one network namespace."""
 
     def __init__(self, netns: str | None = None):
         self.netns = netns
         self._ipr: AsyncIPRoute | None = None
-        self._batch: socket.socket | None = None  # the flip's own rtnetlink socket
+        self._flipper: RuleFlipper | None = None  # the flip's own rtnetlink socket
         self._dump_sock: socket.socket | None = None  # the reads' (dumps) own rtnetlink socket
         self._seq = 0
         self._lo_index = 1
@@ -180,61 +240,29 @@ class DeliveryRules:
         for link in links:
             if link.get("ifname") == "lo":
                 self._lo_index = link["index"]
-        self._batch = self._open_socket()
-        self._dump_sock = self._open_socket()
-
-    def _open_socket(self) -> socket.socket:
-        from ..netns import in_netns  # setns in this thread: no fork (pyroute2's netns sockets fork)
-        with in_netns(self.netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        try:
-            sock.bind((0, 0))
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        self._flipper = RuleFlipper(self.netns)
+        self._dump_sock = open_rtnl_socket(self.netns)
 
     def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        for sock in (self._batch, self._dump_sock):
-            if sock is not None:
-                sock.close()
-        self._batch = self._dump_sock = None
+        if self._flipper is not None:
+            self._flipper.close()
+        if self._dump_sock is not None:
+            self._dump_sock.close()
+        self._flipper = self._dump_sock = None
 
     def flip(self, rules: Sequence[RuleSpec], add: bool) -> list[tuple[RuleSpec, int | None]]:
-        """Add (or delete) ``rules`` in one system call. Returns each rule with its result:
-        0 done, an errno (EEXIST: already there; ENOENT: already gone) or None (no
-        acknowledgement: unknown). Never blocks."""
-        if self._batch is None:
+        """:meth:`RuleFlipper.flip` on this object's flip socket."""
+        if self._flipper is None:
             raise RuntimeError("DeliveryRules.open() was not called")
-        self._drain_batch()  # stale acknowledgements of an earlier batch, if any
-        seqs = [self._next_seq() for _ in rules]
-        self._batch.send(b"".join(encode_rule_request(r, add, s) for r, s in zip(rules, seqs, strict=True)))
-        acks = self._drain_batch()
-        return [(r, acks.get(s)) for r, s in zip(rules, seqs, strict=True)]
+        return self._flipper.flip(rules, add)
 
     def _next_seq(self) -> int:
-        """A sequence number for a request of the flip's or the dumps' socket."""
+        """A sequence number for a request of the dumps' socket."""
         self._seq = self._seq % 0x7FFFFFFF + 1
         return self._seq
-
-    def _drain_batch(self) -> dict[int, int]:
-        assert self._batch is not None
-        acks: dict[int, int] = {}
-        for _ in range(64):  # bounded: a batch is a few rules
-            try:
-                data = self._batch.recv(1 << 16)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    continue
-                raise
-            acks.update(nlcodec.parse_acks(data))
-        return acks
 
     @property
     def ipr(self) -> AsyncIPRoute:
@@ -270,7 +298,7 @@ class DeliveryRules:
             self._dump_sock.close()
             self._dump_sock = None
             try:
-                self._dump_sock = self._open_socket()
+                self._dump_sock = open_rtnl_socket(self.netns)
             except OSError:
                 pass  # the next read raises "not open"; the reconciler retries
             raise
