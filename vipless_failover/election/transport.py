@@ -101,10 +101,15 @@ class AdvertTransport:
     def __init__(self, sock: socket.socket, cfg: Config, on_datagram: OnDatagram, ifindex: int,
                  destinations: list[tuple[Any, ...]], logger: Any = None,
                  loop: asyncio.AbstractEventLoop | None = None):
+        """``loop``: the asyncio loop whose reader reads the socket; ``None`` for a
+        blocking owner (the election process), which calls :meth:`drain` when
+        :meth:`fileno` is readable. Receive times are on ``time.monotonic()``'s clock,
+        which is also asyncio's."""
         self._sock = sock
         self._on_datagram = on_datagram
         self._log = logger if logger is not None else structlog.get_logger(__name__)
-        self._loop = loop or asyncio.get_running_loop()
+        self._loop = loop
+        self._clock = time.monotonic if loop is None else loop.time
         self.mode = cfg.election.transport
         self.interface = cfg.node.interface
         self.ifindex = ifindex
@@ -118,7 +123,7 @@ class AdvertTransport:
         self._ancbufsize = socket.CMSG_SPACE(_INT.size) * 2 + socket.CMSG_SPACE(_TIMESPEC.size)
         #: loop time the socket was last found empty: nothing waiting in it now arrived
         #: before (the lower bound of :func:`receive_time`)
-        self._empty_at = self._loop.time()
+        self._empty_at = self._clock()
         self._last_send_error: str | None = None
         self._closed = False
         # counters (exported as metrics by the daemon)
@@ -131,15 +136,24 @@ class AdvertTransport:
         self.recv_errors = 0
         self.callback_errors = 0
         self.drained = 0  # datagrams read by drain() rather than by the reader
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        if loop is not None:
+            loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
     async def open(cls, cfg: Config, on_datagram: OnDatagram, *, logger: Any = None) -> AdvertTransport:
-        """Open the transport configured in ``cfg.election`` on ``cfg.node.interface``.
+        """Open the transport configured in ``cfg.election`` on ``cfg.node.interface``,
+        read by the running loop.
 
         Raises :class:`TransportError` if the socket cannot be set up."""
+        return cls.open_blocking(cfg, on_datagram, logger=logger, loop=asyncio.get_running_loop())
+
+    @classmethod
+    def open_blocking(cls, cfg: Config, on_datagram: OnDatagram, *, logger: Any = None,
+                      loop: asyncio.AbstractEventLoop | None = None) -> AdvertTransport:
+        """:meth:`open` for an owner without an event loop (``loop`` None): it polls
+        :meth:`fileno` and calls :meth:`drain`."""
         election, node = cfg.election, cfg.node
         try:
             ifindex = socket.if_nametoindex(node.interface)
@@ -162,8 +176,7 @@ class AdvertTransport:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, cfg, on_datagram, ifindex, destinations, logger=logger,
-                   loop=asyncio.get_running_loop())
+        return cls(sock, cfg, on_datagram, ifindex, destinations, logger=logger, loop=loop)
 
     # ------------------------------------------------------------------ sending
 
@@ -222,7 +235,7 @@ class AdvertTransport:
             try:
                 data, ancdata, flags, addr = self._sock.recvmsg(RECV_BYTES, self._ancbufsize)
             except (BlockingIOError, InterruptedError):
-                self._empty_at = self._loop.time()
+                self._empty_at = self._clock()
                 break
             except OSError as exc:
                 self.recv_errors += 1
@@ -236,7 +249,7 @@ class AdvertTransport:
 
     def _handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int,
                 addr: tuple[Any, ...]) -> None:
-        loop_now, wall_now = self._loop.time(), time.time()
+        loop_now, wall_now = self._clock(), time.time()
         src = ipaddress.ip_address(addr[0].partition("%")[0])
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             self.oversize_drops += 1
@@ -281,6 +294,9 @@ class AdvertTransport:
             callback_errors=self.callback_errors, drained=self.drained,
         )
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -291,7 +307,8 @@ class AdvertTransport:
             return
         self._closed = True
         try:
-            self._loop.remove_reader(self._sock.fileno())
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
         finally:
             self._sock.close()
 
