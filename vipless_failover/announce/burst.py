@@ -22,6 +22,7 @@ import asyncio
 import errno
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
@@ -65,6 +66,10 @@ class Announcer:
         self._n_vips = 0
         self.mac: bytes | None = None
         self.ll_src: IPv6 | None = None
+        #: asked before every send slice: False when the election has stopped the
+        #: announcement (a shared flag, see election/process.py) and this process has
+        #: not yet heard of it; no frame then leaves
+        self.allowed: Callable[[], bool] = lambda: True
 
     # -- set-up -------------------------------------------------------------
 
@@ -137,8 +142,27 @@ class Announcer:
 
     # -- control --------------------------------------------------------------
 
-    def start(self, reason: str) -> None:
-        """Takeover (or re-assert): announce now, repeat, then refresh; answer NS/ARP."""
+    def lead_frames(self) -> tuple[tuple[AnnounceKind, tuple[bytes, ...]], ...]:
+        """The frames :meth:`start` sends first (within the rate's first allowance), for
+        the election process to send at the takeover itself. Next-hop mode has none:
+        its frames mean something only once the address is added (in this process)."""
+        if self.mode != "per-vip":
+            return ()
+        budget = self._lead_budget()
+        out = []
+        for key, frames in self._segments:
+            take = tuple(frames[:budget])
+            budget -= len(take)
+            out.append((key, take))
+        return tuple(out)
+
+    def _lead_budget(self) -> int:
+        return min(LEAD_FRAMES, max(1, int(float(self.cfg.announce.rate_pps) * SLICE_S) or 1))
+
+    def start(self, reason: str, lead: tuple[dict[AnnounceKind, int], float | None] | None = None) -> None:
+        """Takeover (or re-assert): announce now, repeat, then refresh; answer NS/ARP.
+        ``lead``: the first frames were sent already (by the election process, see
+        :meth:`lead_frames`): how many of each kind, and when the first went out."""
         if self.mode == "none":
             return
         if self._sock is None:
@@ -147,17 +171,22 @@ class Announcer:
             self._task.cancel()
         self._active = True
         self.first_sent_at = None
-        lead = self._lead()  # first: the router hears it before anything else is done
+        if lead is None:
+            sent = self._lead()  # first: the router hears it before anything else is done
+        else:
+            sent, self.first_sent_at = lead
+            for key, n in sent.items():
+                self.sent[key] += n
         if self._responder is not None:
             self._responder.enable()
-        self._task = asyncio.get_running_loop().create_task(self._run(reason, lead), name="announce")
+        self._task = asyncio.get_running_loop().create_task(self._run(reason, sent), name="announce")
 
     def _lead(self) -> dict[AnnounceKind, int]:
         """Send the burst's first frames now (within the rate's first allowance).
         Returns how many of each segment went out; the burst goes on from there."""
         sock = self._sock
         assert sock is not None
-        budget = min(LEAD_FRAMES, max(1, int(float(self.cfg.announce.rate_pps) * SLICE_S) or 1))
+        budget = self._lead_budget()
         done: dict[AnnounceKind, int] = {}
         for key, frames in self._segments:
             k = 0
@@ -262,6 +291,8 @@ class Announcer:
             i = skip.get(key, 0)
             n = len(frames)
             while i < n:
+                if not self.allowed():
+                    return  # the election stopped the announcement: no frame more
                 now = time.monotonic()
                 allowed = int((now - start) * rate) + allowance - sent
                 if allowed <= 0:
