@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
@@ -292,7 +292,11 @@ class MetricsServer:
     :data:`REQUEST_TIMEOUT_S`, and the body is rendered at most once per
     :data:`RENDER_REUSE_S` whatever the number of scrapes."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, log: Any):
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, log: Any,
+                 before_render: Callable[[], Awaitable[None]] | None = None):
+        """``before_render``: awaited before a body is rendered (the daemon: a fresh
+        snapshot of the election process)."""
+        self._before_render = before_render
         self.host = host
         self.port = port
         self.registry = registry
@@ -320,13 +324,16 @@ class MetricsServer:
         """For status: scrapes served, bodies rendered, connections closed unread."""
         return MetricsServerCounters(scrapes=self.scrapes, renders=self.renders, busy=self.busy)
 
+    def _render_due(self) -> bool:
+        return self._body is None or time.monotonic() - self._rendered_at >= RENDER_REUSE_S
+
     def _render(self) -> bytes:
-        now = time.monotonic()
-        if self._body is None or now - self._rendered_at >= RENDER_REUSE_S:
-            self._body = generate_latest(self.registry)
-            self._rendered_at = now
+        body = self._body
+        if body is None or self._render_due():
+            body = self._body = generate_latest(self.registry)
+            self._rendered_at = time.monotonic()
             self.renders += 1
-        return self._body
+        return body
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._clients >= MAX_CLIENTS:
@@ -358,6 +365,8 @@ class MetricsServer:
                 await self._send(writer, 405, b"method not allowed\n", "text/plain", head_only=False)
             elif path == b"/metrics":
                 self.scrapes += 1
+                if self._before_render is not None and self._render_due():
+                    await self._before_render()
                 body = self._render()
                 await self._send(writer, 200, body, CONTENT_TYPE, head_only=method == b"HEAD")
             elif path == b"/":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -82,16 +82,18 @@ class Notifier:
     def stopping(self, status: str = "stopping") -> bool:
         return self.notify(STOPPING=1, STATUS=status)
 
-    def start_watchdog(self) -> None:
-        """Ping from the running loop every half WATCHDOG_USEC (no-op without one)."""
+    def start_watchdog(self, healthy: Callable[[], bool] = lambda: True) -> None:
+        """Ping from the running loop every half WATCHDOG_USEC (no-op without one), while
+        ``healthy()`` says so (the daemon: while the election process reports)."""
         interval = self.watchdog_interval
         if interval is None or self.address is None or self._task is not None:
             return
-        self._task = asyncio.get_running_loop().create_task(self._watchdog(interval), name="sd-watchdog")
+        self._task = asyncio.get_running_loop().create_task(self._watchdog(interval, healthy), name="sd-watchdog")
 
-    async def _watchdog(self, interval: float) -> None:
+    async def _watchdog(self, interval: float, healthy: Callable[[], bool]) -> None:
         while True:
-            self.notify(WATCHDOG=1)
+            if healthy():
+                self.notify(WATCHDOG=1)
             await asyncio.sleep(interval)
 
     def close(self) -> None:
