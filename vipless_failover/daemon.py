@@ -1,9 +1,13 @@
-"""vipless-failoverd: wiring. One asyncio loop drives the pure election FSM.
+"""vipless-failoverd: the director. The election runs in a process of its own.
 
-Every input (advert, timer, command, signal, link event) is queued and handled by one
-task, in order: the FSM is called, then its actions are carried out in the order given
-(e.g. install delivery -> advert -> announce), then the single timer is re-armed from
-``next_deadline()``.
+``main`` forks the election process (election/process.py) before anything else runs:
+it owns the advert socket, the FSM and its timer, and a takeover's delivery flip and
+first announcement frames, at the unit's real-time priority. This process (the
+director, at a lower priority) owns the rest: config and reload, the reconciler,
+the announcement's bursts and responder, the control socket, metrics, hooks,
+tracking and systemd. It sends the election its commands and a ``Setup``; it
+carries out, in order, the actions of each ``Step`` the election sends up, and shows
+the latest ``Snapshot`` as status. Nothing here can delay an advert.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +31,20 @@ from .control import ControlError, ControlServer, Peer
 from .dataplane.ipvs import missing_schedulers
 from .dataplane.nexthop import NextHopAddress
 from .dataplane.reconcile import Dataplane
-from .election import fsm
-from .election.protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
-from .election.transport import AdvertTransport
-from .election.trust import KeyRing, PeerTrouble
+from .election import fsm, process
+from .election.process import ElectionProcess, Failed, Ready, Setup, Snapshot, Step
+from .election.protocol import State
+from .election.trust import KeyRing
 from .hooks import NotifyHooks
 from .log import setup as setup_logging
 from .metrics import MetricsServer, build_registry
 from .systemd import Notifier, role_status
 from .telemetry import (
-    AdvertCounters,
     ControlCounters,
     DaemonCounters,
     MetricsServerCounters,
     NoticeCounters,
     NoticeKind,
-    RejectReason,
     TransportCounters,
 )
 from .tracking import Tracker
@@ -51,55 +52,57 @@ from .tracking import Tracker
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 RESUME_FILE = "resume-{node}.json"
-PRECISE_LEAD_S = 0.002  # the master-down timer wakes this early, then spins to the exact time
+#: how long start waits for the election process to open its socket
+ELECTION_READY_S = 10.0
+#: the watchdog pings systemd only while the election's latest snapshot is this fresh
+SNAPSHOT_STALE_S = 2.0
+#: a status or a scrape asks the election for a snapshot when the latest is older than
+#: this (one request at a time: the election's work stays bounded whatever the clients)
+FRESH_S = 0.02
+#: and waits for it at most this long (then shows the latest)
+FRESH_WAIT_S = 0.2
 #: notices logged as warnings (the others at info)
 WARNING_NOTICES = frozenset({NoticeKind.SPLIT_BRAIN, NoticeKind.CONFIG_MISMATCH, NoticeKind.AUTH_FAILED,
                              NoticeKind.CLOCK_SKEW})
 
 
-@dataclass
-class Input:
-    kind: str  # "advert" | "timer" | "command"
-    payload: Any = None
-    src: Any = None
-    at: float | None = None  # adverts: loop time it reached the kernel (however long ago)
+def first_snapshot(cfg: config_mod.Config, digest: bytes, keys: tuple[bytes, ...]) -> Snapshot:
+    """What status shows before the election process has sent anything: INIT."""
+    now = time.monotonic()
+    return Snapshot(now, fsm.Election(fsm.Params.from_config(cfg, digest)).status(now), 0, 0, {},
+                    TransportCounters(), KeyRing(keys).describe({}))
 
 
 class Daemon:
     def __init__(self, cfg: config_mod.Config, keys: bytes | tuple[bytes, ...], log: Any,
-                 netns: str | None = None):
+                 netns: str | None = None, election: ElectionProcess | None = None):
         self.cfg = cfg
-        self.keys = KeyRing((keys,) if isinstance(keys, bytes) else tuple(keys))
+        self.keys = (keys,) if isinstance(keys, bytes) else tuple(keys)
         self.log = log.bind(node=cfg.node.name)
         self.netns = netns
+        self.election = election
         self.loop: asyncio.AbstractEventLoop | None = None
         self.digest = cfg.shared_digest()[:16]
-        self.election = fsm.Election(fsm.Params.from_config(cfg, self.digest))
-        self.decoder = AdvertDecoder(self.keys.keys, cfg.election.cluster_id,
-                                     max_skew_us=cfg.election.max_clock_skew_ms * 1000)
-        self.trouble = PeerTrouble(cfg.election.peers)
+        self.snap = first_snapshot(cfg, self.digest, self.keys)
+        self.election_ready = False
         self.runtime_dir = cfg.control.socket.parent
+        flags = election.flags if election is not None else None
         # the IPVS ownership record lives beside the control socket: one per daemon
-        self.dataplane = Dataplane(cfg, self.log, ipvs_owned_path=self.runtime_dir / "ipvs-owned.json")
-        self.announcer = Announcer(cfg, self.log)
+        self.dataplane = Dataplane(cfg, self.log, ipvs_owned_path=self.runtime_dir / "ipvs-owned.json",
+                                   delivery_source=(lambda: flags.delivery) if flags is not None else None)
+        self.announcer = self._announcer(cfg)
         self.nexthop = NextHopAddress(cfg, self.log) if cfg.announce.mode == "next-hop" else None
-        self.transport: AdvertTransport | None = None
         self.control: ControlServer | None = None
-        self.queue: deque[Input] = deque()  # inputs waiting while actions await the kernel
+        self.steps: deque[Step | Snapshot] = deque()  # waiting while a step awaits the kernel
         self._busy = False
         self._pending: asyncio.Task | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.counter = 0
+        self._ready: asyncio.Future | None = None
+        self._fresh: asyncio.Future | None = None  # a snapshot asked for
         self.exit_code: int | None = None
         self.exit_restart = False
         self.done = asyncio.Event()
-        self._fsm_now = 0.0  # the last "now" the election was given (it never goes back)
-        self._decided_wall, self._decided_mono = time.time(), time.monotonic()  # of the step being handled
         self.waiters: list[tuple[str, asyncio.Future]] = []  # promote/demote waiting for completion
         self.history: deque[dict[str, Any]] = deque(maxlen=16)
-        self.adverts_sent = 0
-        self.adverts_received = 0  # datagrams, whatever became of them
-        self.rejected: Counter[RejectReason] = Counter()
         self.notices: Counter[NoticeKind] = Counter()
         self.started_wall = time.time()
         self.maintenance_file = cfg.control.state_dir / f"maintenance-{cfg.node.name}"
@@ -117,10 +120,12 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self._reload_lock = asyncio.Lock()
 
-    # -- time -----------------------------------------------------------------
-
-    def now(self) -> float:
-        return self._loop.time()
+    def _announcer(self, cfg: config_mod.Config) -> Announcer:
+        announcer = Announcer(cfg, self.log)
+        if self.election is not None:  # no frame after the election stopped announcing
+            flags = self.election.flags
+            announcer.allowed = lambda: flags.announce
+        return announcer
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -131,28 +136,31 @@ class Daemon:
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
+        assert self.election is not None, "main() forks the election process first"
         resume = self._take_resume_marker()
         try:
             # pyroute2's synchronous API runs its own loop: keep it off ours
             await asyncio.to_thread(check_startable, self.cfg)  # before anything is applied
         except config_mod.ConfigError as exc:
             print(f"vipless-failoverd: {exc}", file=sys.stderr)
+            self.election.kill()
             return EXIT_CONFIG
         try:
             await self.dataplane.start()
             await self.announcer.open()
-            self.transport = await AdvertTransport.open(self.cfg, self._on_datagram, logger=self.log)
+            await self._start_election()
             self.control = ControlServer(self.cfg.control.socket, self.cfg.control.group, self._control, self.log)
             await self.control.start()
-            await self.tracker.start()  # node.interface down: SetFault is queued before Start
+            await self.tracker.start()  # node.interface down: SetFault is sent before Start
             self.hooks.start()
             if self.cfg.metrics.listen:
                 self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port,
-                                                    self.registry, self.log)
+                                                    self.registry, self.log, before_render=self.fresh_snapshot)
                 await self.metrics_server.start()
         except (OSError, ControlError, config_mod.ConfigError, RuntimeError) as exc:
             self.log.error("startup_failed", error=str(exc))
             await self._shutdown_io(withdraw=not resume)
+            self.election.kill()
             return EXIT_FAILURE
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._signal_stop, sig)
@@ -163,35 +171,56 @@ class Daemon:
         self.submit_command(fsm.Start(resume_master=resume))
         self.log.info("started", version=__version__, config=str(self.cfg.path), resume=resume,
                       priority=self.cfg.election.priority, interval_ms=self.cfg.election.advert_interval_ms,
-                      transport=self.cfg.election.transport, ipvs_available=self.dataplane.ipvs_available)
-        scheduling = sched.current()
+                      transport=self.cfg.election.transport, ipvs_available=self.dataplane.ipvs_available,
+                      election_pid=self.election.pid)
+        scheduling = _election_scheduling(self.election.pid)
         if scheduling.at_risk(self.cfg.election.advert_interval_ms):
             self.log.warning("no_realtime", policy=scheduling.policy,
                              interval_ms=self.cfg.election.advert_interval_ms,
                              advised_below_ms=sched.RT_ADVISED_BELOW_MS, advice=sched.ADVICE)
-        # the first reconcile ran in dataplane.start(): tell systemd we are up
         # Everything built at start (config, prebuilt frames, VIP sets) lives as long as
         # the process: keep it out of the cyclic GC's scans, which otherwise grow with
-        # the number of VIPs and cost an idle daemon CPU for nothing.
+        # the number of VIPs and cost the director CPU for nothing.
         gc.freeze()
+        # the first reconcile ran in dataplane.start(): tell systemd we are up
         self.notifier.ready(self._systemd_status())
-        self.notifier.start_watchdog()
+        self.notifier.start_watchdog(healthy=self._election_alive)
         await self.done.wait()
         if self._pending is not None:  # Exit came from it: let it finish what it does
             await asyncio.gather(self._pending, return_exceptions=True)
-        self.queue.clear()
-        self._busy = True  # nothing more reaches the election
+        self.steps.clear()
+        self._busy = True  # nothing more is carried out
         # a restarting backup withdraws nothing either (it holds no delivery rules);
         # only a master leaves the marker that makes the next process resume as master
-        await self._shutdown_io(withdraw=not self.exit_restart)
-        if self.exit_restart and self.election.state is State.MASTER:
+        # (and an election process that died leaves the kernel as a crash would)
+        await self._shutdown_io(withdraw=not self.exit_restart and self.exit_code != EXIT_FAILURE)
+        if self.exit_restart and self.snap.status["state"] == State.MASTER.name:
             self._write_resume_marker()
+        if self.election.wait(process.EXIT_FLUSH_S + 1.0) is None:
+            self.log.error("election_process_kept_running", pid=self.election.pid)
+            self.election.kill()
         self.log.info("stopped", restart=self.exit_restart)
         return self.exit_code or EXIT_OK
 
+    async def _start_election(self) -> None:
+        """Send the election process its Setup; returns once it has opened its socket."""
+        assert self.election is not None
+        self._ready = self._loop.create_future()
+        self._loop.add_reader(self.election.channel.fileno(), self._on_channel)
+        self.election.channel.send(self._setup())
+        try:
+            await within(self._ready, ELECTION_READY_S)
+        except TimeoutError:
+            raise RuntimeError(f"the election process did not start within {ELECTION_READY_S:g} s") from None
+        self.election_ready = True
+
+    def _setup(self) -> Setup:
+        return Setup(self.keys, self.cfg.election.max_clock_skew_ms, self.dataplane.flip_rules,
+                     self.announcer.lead_frames())
+
     async def _shutdown_io(self, withdraw: bool) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.election is not None and not self.election.channel.closed:
+            self._loop.remove_reader(self.election.channel.fileno())
         self.notifier.close()
         await self.tracker.close()
         if self.metrics_server is not None:
@@ -201,8 +230,6 @@ class Daemon:
         await self.hooks.close(grace=min(self.cfg.notify.timeout_ms / 1000.0, SHUTDOWN_HOOK_GRACE_S))
         if self.control is not None:
             await self.control.close()
-        if self.transport is not None:
-            self.transport.close()
         await self.announcer.close()
         if withdraw:
             if self.nexthop is not None:
@@ -220,6 +247,24 @@ class Daemon:
         self.log.info("signal", signal=signal.Signals(sig).name)
         self.notifier.stopping("stopping: handing over")
         self.submit_command(fsm.Stop())
+
+    async def fresh_snapshot(self) -> None:
+        """The election's snapshot, at most FRESH_S old (waiting at most FRESH_WAIT_S):
+        the peers' last-seen ages are the election's, not the latest snapshot's."""
+        if self.election is None or self.election.channel.closed or not self.election_ready:
+            return
+        if time.monotonic() - self.snap.at < FRESH_S:
+            return
+        if self._fresh is None or self._fresh.done():
+            self._fresh = self._loop.create_future()
+            self.election.channel.send(process.SnapshotRequest())
+        try:
+            await within(asyncio.shield(self._fresh), FRESH_WAIT_S)
+        except TimeoutError:
+            pass
+
+    def _election_alive(self) -> bool:
+        return time.monotonic() - self.snap.at < SNAPSHOT_STALE_S
 
     async def reload(self) -> dict[str, Any]:
         """Apply the config file by diff, if it passes every check start makes
@@ -243,10 +288,18 @@ class Daemon:
             self.log.error("reload_failed", error=msg)
             return {"ok": False, "error": msg}
         old, self.cfg = self.cfg, new
-        self._reload_keys(keys, new.election.max_clock_skew_ms)
+        if keys != self.keys:
+            before, after = KeyRing(self.keys).describe({}), KeyRing(keys).describe({})
+            self.keys = keys
+            # a rotation: the election signs with the new signing key from its next
+            # advert on and accepts every configured key; its replay state is kept
+            self.log.info("keys_reloaded", signing=after["signing"], accepted=after["accepted"],
+                          previous_signing=before["signing"])
         await self.dataplane.reload(new)
         if new.announce != old.announce:
             await self._reload_announcer(new)
+        if self.election is not None:
+            self.election.channel.send(self._setup())
         await self.hooks.reconfigure(new.notify)
         if new.track != self.tracker.cfg:
             await self.tracker.close()
@@ -257,23 +310,10 @@ class Daemon:
         self.log.info("reloaded", config=str(new.path))
         return {"ok": True, "data": {"reloaded": str(new.path)}}
 
-    def _reload_keys(self, keys: tuple[bytes, ...], max_clock_skew_ms: int) -> None:
-        """A rotation: sign with the new signing key from the next advert on, accept
-        every configured key; the replay state is kept."""
-        self.decoder.set_window(max_clock_skew_ms * 1000)
-        if keys == self.keys.keys:
-            return
-        before = self.keys.describe({})
-        self.keys = KeyRing(keys)
-        self.decoder.set_keys(keys)
-        after = self.keys.describe({})
-        self.log.info("keys_reloaded", signing=after["signing"], accepted=after["accepted"],
-                      previous_signing=before["signing"])
-
     async def _reload_announcer(self, new: config_mod.Config) -> None:
         """Announce (and answer for) the reloaded VIP set: added VIPs move with the next
         takeover, removed ones are no longer announced. A master re-announces at once."""
-        fresh = Announcer(new, self.log)
+        fresh = self._announcer(new)
         try:
             await fresh.open()
         except (OSError, RuntimeError) as exc:
@@ -321,35 +361,11 @@ class Daemon:
         age = time.time() - float(data.get("at", 0))
         return 0 <= age * 1000 < float(data.get("hold_ms", 0))
 
-    # -- inputs -------------------------------------------------------------------
-
-    def _on_datagram(self, data: bytes, src: Any, rx_time: float) -> None:
-        self.adverts_received += 1
-        # freshness is judged at the kernel's receive time, not when Python got to it
-        # (after a pause, adverts that waited in the socket are not stale)
-        rx_wall_us = int((time.time() - max(0.0, self.now() - rx_time)) * 1e6)
-        try:
-            msg = self.decoder.decode(data, rx_wall_us)
-        except AdvertRejected as exc:
-            self.rejected[exc.reason] += 1
-            if self.rejected[exc.reason] in (1, 10, 100, 1000) or self.rejected[exc.reason] % 10000 == 0:
-                self.log.warning("advert_rejected", reason=exc.reason, src=str(src), detail=exc.detail,
-                                 count=self.rejected[exc.reason])
-            kind = self.trouble.notice(exc.reason, src, self.now())
-            if kind is not None:  # a peer's address: a key or a clock that differs splits the brain
-                self._do(fsm.Notice(kind, str(src), exc.detail))
-            return
-        if msg.node == self.cfg.node.name:
-            return
-        self.trouble.learn(src)
-        if msg.config_digest != self.digest:
-            self.rejected[RejectReason.CONFIG_DIGEST_MISMATCH] += 1  # reported, not fatal
-        # the master-down timer counts from the kernel's receive time, not from when
-        # Python got to it: a few hundred microseconds, or seconds after a pause
-        self._input(Input("advert", msg, src, rx_time))
+    # -- the election's side: commands down, steps and snapshots up ---------------
 
     def submit_command(self, cmd: fsm.Command) -> None:
-        self._input(Input("command", cmd))
+        if self.election is not None and not self.election.channel.closed:
+            self.election.channel.send(cmd)
 
     def _on_track_change(self) -> None:
         """Tell the election what tracking now says: fault items and the effective priority."""
@@ -365,203 +381,143 @@ class Daemon:
             self.log.info("effective_priority", priority=prio, configured=self.cfg.election.priority)
             self.submit_command(fsm.SetPriority(prio))
 
+    def _on_channel(self) -> None:
+        assert self.election is not None
+        chan = self.election.channel
+        if chan.pending:
+            chan.flush()
+        messages = chan.receive()
+        self.receive(messages or [])
+        if messages is None or chan.closed:
+            self._election_gone()
+
+    def receive(self, messages: list[Any]) -> None:
+        """The election's messages, in order: steps are carried out one after another."""
+        for m in messages:
+            match m:
+                case Step() | Snapshot():  # in order: a snapshot never goes back behind a step
+                    self.steps.append(m)
+                case Ready():
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(m)
+                case Failed(error=error):
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_exception(RuntimeError(f"election transport: {error}"))
+        if self.steps and not self._busy:
+            self._run_steps()
+
+    def _election_gone(self) -> None:
+        assert self.election is not None
+        self._loop.remove_reader(self.election.channel.fileno())
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RuntimeError("the election process exited at start"))
+            return
+        if self.done.is_set():
+            return
+        code = self.election.wait(1.0)
+        self.log.error("election_process_exited", pid=self.election.pid, code=code)
+        self.exit_code = EXIT_FAILURE
+        self.done.set()
+
     def _poll_telemetry(self) -> None:
         self.telemetry.poll_announcement(self.announcer.first_sent_at)
 
     def _systemd_status(self) -> str:
-        e = self.election
-        return role_status(e.state.name, e.p.priority, e.priority, e.master, sorted(e.faults))
+        st = self.snap.status
+        return role_status(st["state"], st["priority"], st["effective_priority"],
+                           (st["master"] or {}).get("node"), st["faults"])
 
-    def _arm_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        deadline = self.election.next_deadline()
-        if deadline is None:
-            return
-        if deadline == self.election.master_down_at:
-            # asyncio rounds its wait up to the next millisecond: the master-down
-            # timer, the one a takeover waits for, wakes early and spins the rest
-            self.timer = self._loop.call_at(deadline - PRECISE_LEAD_S, self._precise_timer, deadline)
-        else:
-            self.timer = self._loop.call_at(deadline, self._input, Input("timer"))
-
-    def _precise_timer(self, deadline: float) -> None:
-        self.timer = None
-        # spin the rest (at most PRECISE_LEAD_S, and only when the master went silent):
-        # a sleep overshoots by the timer slack and a wake-up, and the takeover then
-        # runs on a cold CPU
-        loop = self._loop
-        while loop.time() < deadline:
-            pass
-        self._input(Input("timer"))
-
-    # -- processing: one input at a time, in order -------------------------------
+    # -- carrying out steps: one at a time, in order --------------------------------
     #
-    # An input is handled at once, in the callback that brought it (no extra loop
-    # iteration: an idle pair wakes only for its adverts). Actions that must wait for
-    # the kernel (delivery rules, the next-hop address) continue in a task; inputs
-    # arriving meanwhile queue up behind them, so the order never changes.
+    # A step is carried out in the callback that brought it. Next-hop mode's address
+    # changes await the kernel: they continue in a task, and steps arriving meanwhile
+    # wait behind it, so the order never changes.
 
-    def _input(self, item: Input) -> None:
-        if item.kind != "advert":
-            self._read_waiting()
-        self.queue.append(item)
-        if not self._busy:
-            self._process()
-
-    def _read_waiting(self) -> None:
-        """Before a timer or a command reaches the election: the adverts waiting in the
-        socket go first, at their receive times. After a pause the loop runs expired
-        timers before it sees the readable socket; without this a backup would take
-        over from a master whose adverts are sitting unread."""
-        if self.transport is not None and not self.transport.closed:
-            self.transport.drain()  # counted in its "drained"
-
-    def _process(self) -> None:
+    def _run_steps(self) -> None:
         self._busy = True
-        while self.queue:
+        while self.steps:
+            step = self.steps.popleft()
+            if isinstance(step, Snapshot):
+                self._set_snapshot(step)
+                self._after_step()
+                continue
+            if step.snapshot is not None:  # what the transitions and the waiters see
+                self._set_snapshot(step.snapshot)
+            if self.nexthop is not None and any(isinstance(a, (fsm.StartAnnounce, fsm.StopAnnounce))
+                                                for a in step.actions):
+                self._pending = self._loop.create_task(self._run_step_async(step), name="step")
+                return  # still busy: the task carries on with the queue
             try:
-                actions = self._call_fsm(self.queue.popleft())
-                done = self._takeover_first(actions)
-                if any(self._needs_await(a) for a in actions if id(a) not in done):
-                    self._pending = self._loop.create_task(self._process_async(actions, done), name="election")
-                    return  # still busy: the task carries on with the queue
-                for action in actions:
-                    if not self._already(action, done):
-                        self._do(action)
-                self._after_input()
-            except Exception:  # a bug must not stop the election: log it, go on
+                for i, action in enumerate(step.actions):
+                    self._do(action, step, i)
+            except Exception:  # a bug must not stop the director: log it, go on
                 self.log.exception("internal_error")
+            self._step_done(step)
         self._busy = False
 
-    def _already(self, action: fsm.Action, done: dict[int, float]) -> bool:
-        """Whether _takeover_first did ``action``; reaching its place, the metrics hear of it."""
-        if id(action) not in done:
-            return False
-        if isinstance(action, fsm.InstallDelivery):
-            self.telemetry.on_delivery_installed(done[id(action)], announcing=self._announcing())
-        return True
-
-    async def _process_async(self, actions: list[fsm.Action], done: dict[int, float] | None = None) -> None:
-        done = done or {}
+    async def _run_step_async(self, step: Step) -> None:
         try:
-            for action in actions:
-                if self._already(action, done):
-                    continue
-                if self._needs_await(action):
-                    await self._do_async(action)
-                else:
-                    self._do(action)
-            self._after_input()
-        except Exception:  # a bug must not stop the election: log it, go on
+            for i, action in enumerate(step.actions):
+                match action:
+                    case fsm.StartAnnounce(reason=reason) if self.nexthop is not None:
+                        try:
+                            await self.nexthop.add()
+                        except Exception as exc:  # noqa: BLE001 - reported; the election goes on
+                            self.log.error("next_hop_error", error=str(exc))
+                        self.announcer.start(reason)
+                    case fsm.StopAnnounce() if self.nexthop is not None:
+                        self.announcer.stop()
+                        try:
+                            await self.nexthop.remove()
+                        except Exception as exc:  # noqa: BLE001
+                            self.log.error("next_hop_error", error=str(exc))
+                    case _:
+                        self._do(action, step, i)
+            self._step_done(step)
+        except Exception:  # a bug must not stop the director: log it, go on
             self.log.exception("internal_error")
         finally:
             self._busy = False
             self._pending = None
-        if self.queue:
-            self._process()
+        if self.steps:
+            self._run_steps()
 
-    def _call_fsm(self, item: Input) -> list[fsm.Action]:
-        present = self.now()
-        # an advert at its arrival time (inputs reach the election in arrival order, so
-        # this only moves forward; the max() guards the microseconds between a read and
-        # a timer), everything else at the present
-        now = max(self._fsm_now, present if item.at is None else min(item.at, present))
-        self._fsm_now = now
-        self._decided_wall, self._decided_mono = time.time(), time.monotonic()
-        try:
-            if item.kind == "advert":
-                return self.election.handle_advert(item.payload, item.src, now, handled_at=present)
-            if item.kind == "timer":
-                deadline = self.election.next_deadline()
-                if deadline is None or deadline > now:
-                    return []  # the adverts read before it moved the deadline on
-                return self.election.handle_timer(now)
-            return self.election.handle_command(item.payload, now)
-        except fsm.LocalError as exc:
-            self.log.error("election_misuse", error=str(exc))
-            return []
+    def _step_done(self, step: Step) -> None:
+        self._after_step()
 
-    def _after_input(self) -> None:
-        self._arm_timer()
-        if self.election.maintenance != self.maintenance_saved:
-            self._save_maintenance(self.election.maintenance)
-        self._check_waiters()
+    def _set_snapshot(self, snap: Snapshot) -> None:
+        self.snap = snap
+        if self._fresh is not None and not self._fresh.done():
+            self._fresh.set_result(None)
+
+    def _after_step(self) -> None:
+        st = self.snap.status
+        if st["maintenance"] != self.maintenance_saved and st["state"] != State.INIT.name:
+            self._save_maintenance(st["maintenance"])
+        self.waiters = [(what, fut) for what, fut in self.waiters if not fut.done()]
         self._poll_telemetry()
 
-    # -- actions -----------------------------------------------------------------
-
-    def _needs_await(self, action: fsm.Action) -> bool:
-        if isinstance(action, (fsm.InstallDelivery, fsm.WithdrawDelivery)):
-            # the flip is one system call, done in line; only a delivery pass under way
-            # (it reads, then changes the rules) makes it wait
-            return not self.dataplane.flip_ready()
-        return self.nexthop is not None and isinstance(action, (fsm.StartAnnounce, fsm.StopAnnounce))
-
-    async def _do_async(self, action: fsm.Action) -> None:
+    def _do(self, action: fsm.Action, step: Step, index: int) -> None:
+        done = step.done.get(index)
         match action:
-            case fsm.InstallDelivery():
-                await self.dataplane.set_delivery(True)
-                self.telemetry.on_delivery_installed(time.monotonic(),
-                                                     announcing=self.cfg.announce.mode != "none")
-            case fsm.WithdrawDelivery():
-                await self.dataplane.set_delivery(False)
-            case fsm.StartAnnounce(reason=reason):
-                assert self.nexthop is not None  # only next-hop mode awaits (_needs_await)
-                try:
-                    await self.nexthop.add()
-                except Exception as exc:  # noqa: BLE001 - reported; the election goes on
-                    self.log.error("next_hop_error", error=str(exc))
-                self.announcer.start(reason)
-            case fsm.StopAnnounce():
-                self.announcer.stop()
-                assert self.nexthop is not None  # only next-hop mode awaits (_needs_await)
-                try:
-                    await self.nexthop.remove()
-                except Exception as exc:  # noqa: BLE001
-                    self.log.error("next_hop_error", error=str(exc))
-
-    def _announcing(self) -> bool:
-        return self.cfg.announce.mode != "none"
-
-    def _takeover_first(self, actions: list[fsm.Action]) -> dict[int, float]:
-        """A takeover's delivery flip and first announcement, before the other actions
-        of the same step (notices, the transition's log line, hooks and metrics, the
-        advert): what ends the client's outage goes first. In line, when the flip can
-        be (next-hop mode's address is added in the task that follows). Returns the
-        actions done, with the time."""
-        flip = next((a for a in actions if isinstance(a, fsm.InstallDelivery)), None)
-        if flip is None or not self.dataplane.flip_ready():
-            return {}
-        self.dataplane.flip(True)
-        done = {id(flip): time.monotonic()}
-        for a in actions:
-            if isinstance(a, fsm.StartAnnounce) and not self._needs_await(a):  # next-hop: in the task
-                self.announcer.start(a.reason)
-                done[id(a)] = time.monotonic()
-                break
-        return done
-
-    def _do(self, action: fsm.Action) -> None:
-        match action:
-            case fsm.InstallDelivery():
-                self.dataplane.flip(True)
-                self.telemetry.on_delivery_installed(time.monotonic(), announcing=self._announcing())
-            case fsm.WithdrawDelivery():
-                self.dataplane.flip(False)
-            case fsm.SendAdvert():
-                self._send(action)
+            case fsm.InstallDelivery() | fsm.WithdrawDelivery() if isinstance(done, process.Flipped):
+                self.dataplane.flipped(done.on, done.results, done.took_ms)
+                if done.on:
+                    self.telemetry.on_delivery_installed(done.at, announcing=self.cfg.announce.mode != "none")
             case fsm.Transition(old=old, new=new, reason=reason):
-                self._transition(old, new, reason)
+                self._transition(old, new, reason, step)
             case fsm.StartAnnounce(reason=reason):
-                self.announcer.start(reason)
+                lead = (done.sent, done.first_at) if isinstance(done, process.LeadSent) and any(
+                    done.sent.values()) else None
+                self.announcer.start(reason, lead)
             case fsm.StopAnnounce():
                 self.announcer.stop()
             case fsm.Exit(restart=restart):
                 self.exit_restart = restart
                 self.exit_code = EXIT_OK
                 self.done.set()
+            case fsm.Completed(command=command, data=data):
+                self._complete(command, data)
             case fsm.Refused(command=command, reason=reason):
                 self.log.warning("command_refused", command=command, reason=reason)
                 self._fail_waiters(command, reason)
@@ -572,46 +528,28 @@ class Daemon:
                 level = "warning" if kind in WARNING_NOTICES else "info"
                 getattr(self.log, level)(str(kind), peer=peer, detail=detail)
 
-    def _send(self, action: fsm.SendAdvert) -> None:
-        if self.transport is None:
-            return
-        self.counter = next_counter(self.counter, time.time_ns() // 1000)
-        msg = Advert(cluster_id=self.cfg.election.cluster_id, node=self.cfg.node.name,
-                     address=self.cfg.node.address, priority=action.priority,
-                     advert_interval_ms=self.cfg.election.advert_interval_ms, state=action.state,
-                     flags=action.flags, successor=action.successor, hold_ms=action.hold_ms,
-                     counter=self.counter, config_digest=self.digest)
-        self.transport.send(encode_advert(msg, self.keys.signing))
-        self.adverts_sent += 1
-
-    def _transition(self, old: State, new: State, reason: str) -> None:
-        entry = {"from": old.name, "to": new.name, "reason": reason, "at": self._decided_wall}
+    def _transition(self, old: State, new: State, reason: str, step: Step) -> None:
+        entry = {"from": old.name, "to": new.name, "reason": reason, "at": step.decided_wall}
         self.history.append(entry)
+        st = step.snapshot.status if step.snapshot is not None else self.snap.status
         # decided_at: when the election decided (unix time); a takeover's flip and first
-        # announcement go out before this line is written (see _takeover_first)
+        # announcement went out before the election process sent this step
         self.log.info("transition", **{"from": old.name, "to": new.name}, reason=reason,
-                      priority=self.election.priority, peer=self.election.master or "",
-                      decided_at=round(self._decided_wall, 6))
-        self.telemetry.on_transition(old.name, new.name, reason, self._decided_mono)
+                      priority=st["effective_priority"], peer=(st["master"] or {}).get("node") or "",
+                      decided_at=round(step.decided_wall, 6))
+        self.telemetry.on_transition(old.name, new.name, reason, step.decided_mono)
         self.hooks.transition(new.name, old.name, reason)
         self.notifier.status(self._systemd_status())
 
     # -- control commands -----------------------------------------------------------
 
-    def _check_waiters(self) -> None:
-        keep = []
-        for what, fut in self.waiters:
-            if fut.done():
-                continue
-            st = self.election.state
-            if what == "promote" and st is State.MASTER:
-                fut.set_result({"ok": True, "data": {"state": st.name}})
-            elif what in ("demote", "maintenance") and st is not State.MASTER \
-                    and self.election.master not in (None, self.cfg.node.name):
-                fut.set_result({"ok": True, "data": {"state": st.name, "master": self.election.master}})
-            else:
-                keep.append((what, fut))
-        self.waiters = keep
+    def _complete(self, command: str, data: dict[str, Any]) -> None:
+        """The election says ``command`` is done: the oldest client waiting for it hears."""
+        for i, (what, fut) in enumerate(self.waiters):
+            if what == command and not fut.done():
+                fut.set_result({"ok": True, "data": data})
+                del self.waiters[i]
+                return
 
     def _fail_waiters(self, command: str, reason: str) -> None:
         for what, fut in self.waiters:
@@ -626,26 +564,30 @@ class Daemon:
             return await within(fut, timeout)
         except TimeoutError:
             return {"ok": False, "error": f"{what} did not complete within {timeout:g} s "
-                                          f"(state {self.election.state.name})"}
+                                          f"(state {self.snap.status['state']})"}
 
     def counters(self) -> DaemonCounters:
-        """Every counter of the daemon and its parts, typed: what the metrics read, and
-        what :meth:`status` shows."""
+        """Every counter of the director, its parts and the election process (its latest
+        snapshot), typed: what the metrics read, and what :meth:`status` shows."""
         return DaemonCounters(
-            adverts=AdvertCounters(sent=self.adverts_sent, received=self.adverts_received, rejected=self.rejected),
+            adverts=self.snap.adverts,
             notices=NoticeCounters(self.notices),
             reconcile=self.dataplane.counters(),
             announce=self.announcer.counters(),
             notify=self.hooks.counters(),
             control=self.control.counters() if self.control is not None else ControlCounters(),
             metrics=self.metrics_server.counters() if self.metrics_server is not None else MetricsServerCounters(),
-            transport=self.transport.counters() if self.transport is not None else TransportCounters(),
+            transport=self.snap.transport,
         )
 
     def status(self) -> dict[str, Any]:
-        now = self.now()
         counted = self.counters()
-        st = self.election.status(now)
+        snap = self.snap
+        age = max(0.0, time.monotonic() - snap.at)
+        st = dict(snap.status)
+        st["peers"] = [{**p, "last_seen_s": round(p["last_seen_s"] + age, 3)} for p in st["peers"]]
+        interval = self.cfg.election.advert_interval_ms
+        election_pid = self.election.pid if self.election is not None else None
         st.update({
             "version": __version__,
             "config": str(self.cfg.path),
@@ -654,13 +596,14 @@ class Daemon:
             "last_transition": self.history[-1] if self.history else None,
             "transitions": list(self.history),
             "adverts": counted.adverts.as_dict(),
-            "keys": {**self.keys.describe(self.decoder.key_used),
-                     "replay_window_ms": self.cfg.election.max_clock_skew_ms},
-            "scheduling": sched.current().describe(self.cfg.election.advert_interval_ms),
+            "keys": {**snap.keys, "replay_window_ms": self.cfg.election.max_clock_skew_ms},
+            "scheduling": _election_scheduling(election_pid).describe(interval),
+            "election": {"pid": election_pid, "snapshot_age_s": round(age, 3),
+                         "director_scheduling": sched.current().describe(interval)},
             "dataplane": self.dataplane.status(),
             "ipvs_available": self.dataplane.ipvs_available,
             "announce": self.announcer.status(),
-            "transport": counted.transport.as_dict() if self.transport is not None else {},
+            "transport": counted.transport.as_dict() if self.election_ready else {},
             "cluster_id": self.cfg.election.cluster_id,
             "tracked": self.tracker.status(),
             "notify": self.hooks.status(),
@@ -674,27 +617,25 @@ class Daemon:
         cmd = req["cmd"]
         timeout = float(req.get("timeout", 10.0))
         if cmd == "status":
+            await self.fresh_snapshot()
             return {"ok": True, "data": self.status()}
         self.log.info("control", cmd=cmd, uid=peer.uid, pid=peer.pid)
+        # the election decides, refuses and completes these (fsm.Completed, fsm.Refused)
         if cmd == "promote":
-            if self.election.state is State.MASTER:
-                return {"ok": True, "data": {"state": "MASTER", "note": "already master"}}
             return await self._wait_for("promote", fsm.Promote(), timeout)
         if cmd == "demote":
-            if self.election.state is not State.MASTER:
-                return {"ok": False, "error": f"not master (state is {self.election.state.name})"}
             return await self._wait_for("demote", fsm.Demote(), timeout)
         if cmd == "maintenance":
             on = req.get("on")
             if not isinstance(on, bool):
                 return {"ok": False, "error": "maintenance needs on: true|false"}
-            return await self._wait_for("maintenance", fsm.SetMaintenance(on), timeout) if (
-                on and self.election.state is State.MASTER) else self._apply_now(fsm.SetMaintenance(on))
+            return await self._wait_for("maintenance", fsm.SetMaintenance(on), timeout)
+        state = self.snap.status["state"]
         if cmd == "reload":
             return await self.reload()
         if cmd == "announce":
-            if self.election.state is not State.MASTER:
-                return {"ok": False, "error": f"not master (state is {self.election.state.name})"}
+            if state != State.MASTER.name:
+                return {"ok": False, "error": f"not master (state is {state})"}
             self.announcer.start("operator")
             return {"ok": True, "data": self.announcer.status()}
         if cmd == "restart":
@@ -708,9 +649,13 @@ class Daemon:
             return {"ok": True, "data": {"restarting": True}}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-    def _apply_now(self, cmd: fsm.Command) -> dict[str, Any]:
-        self.submit_command(cmd)
-        return {"ok": True, "data": {}}
+
+def _election_scheduling(pid: int | None) -> sched.Scheduling:
+    """The election process's scheduling (what the adverts' timing depends on)."""
+    try:
+        return sched.current(pid or 0)
+    except OSError:  # it has just exited
+        return sched.current()
 
 
 # ---------------------------------------------------------------------------
@@ -770,9 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cfg.path}: OK")
         return EXIT_OK
     log = setup_logging(args.log_format, args.log_level)
+    # before the event loop and any thread: the election process is a fork of this one
+    election = process.fork(cfg, cfg.shared_digest()[:16], log.bind(node=cfg.node.name))
 
     async def _run() -> tuple[int, bool]:
-        daemon = Daemon(cfg, keys, log)
+        daemon = Daemon(cfg, keys, log, election=election)
         code = await daemon.run()
         return code, daemon.exit_restart
 

@@ -138,13 +138,27 @@ class Daemon:
                                    name=f"daemon-{self.tag}", log=self.log_path)
         return t
 
+    @property
+    def pids(self) -> list[int]:
+        """The daemon's processes: the director (:attr:`pid`) and its election process."""
+        if self.pid is None:
+            return []
+        return [self.pid, *children(self.pid)]
+
     def signal(self, sig: int) -> float:
-        """Send a signal; returns the unix time just before it was sent."""
+        """Send a signal; returns the unix time just before it was sent.
+
+        SIGSTOP, SIGCONT and SIGKILL go to the daemon's process group (it is started in
+        a session of its own): a paused or crashed machine pauses or kills both of its
+        processes. The others go to the director, which handles them."""
         if not self.running:
             raise topology.LabError(f"{self.tag} is not running")
         assert self.proc is not None
         t = time.time()
-        os.kill(self.proc.pid, sig)
+        if sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGKILL):
+            os.killpg(self.proc.pid, sig)
+        else:
+            os.kill(self.proc.pid, sig)
         return t
 
     def kill(self) -> float:
@@ -352,6 +366,15 @@ class Cluster:
 
     def states(self) -> dict[str, str | None]:
         return {d.tag: (d.state() if d.running else None) for d in self.daemons.values()}
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s children (from /proc; none if it has gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def default_settings(directors: Iterable[str], **common: Any) -> dict[str, NodeSettings]:

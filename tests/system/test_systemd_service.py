@@ -239,20 +239,29 @@ def test_metrics_served_with_process_metrics(running: Container):
     assert "vipless_failover_process_resident_memory_bytes" in text
 
 
+def election_pid(c: Container) -> int:
+    """The election process: the main PID's one child (election/process.py)."""
+    pid = main_pid(c)
+    kids = c.run("cat", f"/proc/{pid}/task/{pid}/children").stdout.split()
+    assert len(kids) == 1, kids
+    return int(kids[0])
+
+
 def test_exactly_cap_net_admin_and_cap_net_raw(running: Container):
     c = running
-    status = c.run("cat", f"/proc/{main_pid(c)}/status").stdout
-    caps = {k: int(v, 16) for k, v in re.findall(r"^(Cap\w+):\s+([0-9a-f]+)$", status, re.M)}
-    want = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
-    for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
-        assert caps[field] == want, (field, hex(caps[field]))
-    assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)
-    assert re.search(r"^Seccomp:\s+2$", status, re.M)  # SystemCallFilter= applied
-    # SupplementaryGroups=vipless-failover: the socket may be given to that group
-    gid = c.run("getent", "group", "vipless-failover").stdout.split(":")[2]
-    assert re.search(rf"^Groups:\s+{gid}\s*$", status, re.M), status
-    # the uid is root: no user of its own (see docs/operations.md)
-    assert re.search(r"^Uid:\s+0\s+0\s+0\s+0$", status, re.M)
+    for pid in (main_pid(c), election_pid(c)):  # the director and its election process
+        status = c.run("cat", f"/proc/{pid}/status").stdout
+        caps = {k: int(v, 16) for k, v in re.findall(r"^(Cap\w+):\s+([0-9a-f]+)$", status, re.M)}
+        want = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+        for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+            assert caps[field] == want, (pid, field, hex(caps[field]))
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)
+        assert re.search(r"^Seccomp:\s+2$", status, re.M)  # SystemCallFilter= applied
+        # SupplementaryGroups=vipless-failover: the socket may be given to that group
+        gid = c.run("getent", "group", "vipless-failover").stdout.split(":")[2]
+        assert re.search(rf"^Groups:\s+{gid}\s*$", status, re.M), status
+        # the uid is root: no user of its own (see docs/operations.md)
+        assert re.search(r"^Uid:\s+0\s+0\s+0\s+0$", status, re.M)
 
 
 def test_real_time_policy_as_the_unit_says(running: Container):
@@ -260,13 +269,19 @@ def test_real_time_policy_as_the_unit_says(running: Container):
     pid = main_pid(c)
     s = c.show(UNIT, "CPUSchedulingPolicy", "CPUSchedulingPriority")
     assert s["CPUSchedulingPolicy"] in ("2", "rr") and s["CPUSchedulingPriority"] == "10", s
-    out = c.run("chrt", "-p", str(pid)).stdout
-    # had systemd failed to set it (a cgroup without RT runtime, no CAP_SYS_NICE in the
-    # container), the start itself would have failed with 214/SETSCHEDULER
-    assert f"pid {pid}'s current scheduling policy: SCHED_RR" in out, out
-    assert f"pid {pid}'s current scheduling priority: 10" in out, out
-    sched = c.run("cat", f"/proc/{pid}/sched").stdout
-    assert re.search(r"^policy\s+:\s+2$", sched, re.M)  # SCHED_RR
+    # the election process runs at the unit's priority; the director (the main PID)
+    # lowered itself below it (election/process.py: lower_director)
+    election = election_pid(c)
+    for p, prio in ((election, 10), (pid, 5)):
+        out = c.run("chrt", "-p", str(p)).stdout
+        # had systemd failed to set it (a cgroup without RT runtime, no CAP_SYS_NICE in the
+        # container), the start itself would have failed with 214/SETSCHEDULER
+        assert f"pid {p}'s current scheduling policy: SCHED_RR" in out, out
+        assert f"pid {p}'s current scheduling priority: {prio}" in out, out
+        sched = c.run("cat", f"/proc/{p}/sched").stdout
+        assert re.search(r"^policy\s+:\s+2$", sched, re.M)  # SCHED_RR
+    st = status_json(c)
+    assert st["election"]["pid"] == election and st["scheduling"]["priority"] == 10
 
 
 def test_watchdog_is_armed_and_pinged(running: Container):

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vipless_failover import config
 from vipless_failover.control import ControlServer
 from vipless_failover.daemon import Daemon
-from vipless_failover.election import fsm
+from vipless_failover.election import fsm, process
 from vipless_failover.election.protocol import Advert, AdvertRejected, State, encode_advert
 from vipless_failover.election.trust import TROUBLE
 from vipless_failover.metrics import DaemonCollector, MetricsServer, Telemetry, build_registry
@@ -326,23 +326,31 @@ async def daemon(tmp_path: Path):
     yield d
     if d.control is not None:
         d.control.limits.close()
-    if d.timer is not None:
-        d.timer.cancel()
 
 
 def count_things(d: Daemon) -> None:
-    """Counts in every part, through the daemon's own paths where there are some."""
+    """Counts in every part, through the daemon's own paths where there are some: the
+    election process's (its datagram handler and executor, its steps and snapshot
+    carried to the director as the channel carries them) and the director's."""
     src = ipaddress.ip_address("192.0.2.12")
-    d._on_datagram(b"garbage", src, d.now())  # malformed
-    d._on_datagram(b"VF\x09" + bytes(100), src, d.now())  # version
+    up, down = process.Channel.pair()
+    director_end = process.Channel(up)
+    e = process.Election(d.cfg, d.digest, process.Channel(down), process.SharedFlags(), NullLog(),
+                         process.Setup((KEY,), d.cfg.election.max_clock_skew_ms, ()))
+    e._on_datagram(b"garbage", src, time.monotonic())  # malformed
+    e._on_datagram(b"VF\x09" + bytes(100), src, time.monotonic())  # version
     peer = Advert(cluster_id=51, node="director-b", address=src, priority=100, advert_interval_ms=1000,
                   state=State.BACKUP, counter=time.time_ns() // 1000, config_digest=b"\x01" * 16)
-    d._on_datagram(encode_advert(peer, KEY), src, d.now())  # config_digest_mismatch; config_mismatch notice
-    d._on_datagram(encode_advert(peer, b"x" * 32), src, d.now())  # auth, from a peer: auth_failed notice
-    d._do(fsm.Notice(NoticeKind.SPLIT_BRAIN, "director-b", "test"))
-    d.transport = StubTransport()  # type: ignore[assignment]
-    d._do(fsm.SendAdvert(State.BACKUP, 150))
-    d._do(fsm.SendAdvert(State.BACKUP, 150))
+    e._on_datagram(encode_advert(peer, KEY), src, time.monotonic())  # config_digest_mismatch; config_mismatch notice
+    e._on_datagram(encode_advert(peer, b"x" * 32), src, time.monotonic())  # auth, from a peer: auth_failed notice
+    e._process()  # the adverts that passed reach the FSM, as after every read
+    e.execute([fsm.Notice(NoticeKind.SPLIT_BRAIN, "director-b", "test")])
+    e.transport = StubTransport()  # type: ignore[assignment]
+    e.execute([fsm.SendAdvert(State.BACKUP, 150), fsm.SendAdvert(State.BACKUP, 150)])
+    d.election_ready = True
+    d.receive([*(director_end.receive() or []), e.snapshot()])
+    director_end.close()
+    e.chan.close()
     d.hooks.results[NotifyResult.OK] += 3
     d.hooks.results[NotifyResult.TIMEOUT] += 1
     d.announcer.sent[AnnounceKind.GARP] += 4
