@@ -195,8 +195,11 @@ def table_cost(trials: Sequence[dict[str, Any]]) -> list[str]:
             rss = [t["details"]["rss_mb"] for t in ok_ts]
             tgt = res = ""
             if daemon == "ours":
-                tgt = "< 0.5% of one core, RSS < 60 MB"
-                met = bool(ok_ts) and len(ok_ts) == len(ts) and statistics.median(core) < 0.5 and max(rss) < 60
+                # at rest: < 0.5% of one core at 100 ms adverts; <= 1.5% at 10 ms (issue 13)
+                limit = 1.5 if "10 ms adverts" in variant else 0.5
+                tgt = f"{'<=' if limit == 1.5 else '<'} {limit:g}% of one core, RSS < 60 MB"
+                met = bool(ok_ts) and len(ok_ts) == len(ts) and max(rss) < 60 and (
+                    statistics.median(core) <= limit if limit == 1.5 else statistics.median(core) < limit)
                 res = "met" if met else "**MISSED**"
             note = "" if not bh else f"{bh}: {ts[0]['note']}"
             lines.append(f"| {variant} | {daemon} | {len(ts)} | {fmt(statistics.median(cpu)) if cpu else '-'} | "

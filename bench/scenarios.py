@@ -140,7 +140,7 @@ class OursPair(Pair):
 
     def pids(self, director: str) -> list[int]:
         d = self.cluster[director]
-        return [d.pid] if d.running and d.pid else []
+        return d.pids if d.running else []  # the director and its election process
 
     def kill(self, director: str) -> float:
         return self.cluster[director].kill()
@@ -1069,13 +1069,15 @@ def resume(pids: Sequence[int]) -> None:
 
 
 class CostSession:
-    """An idle pair at 100 ms adverts in its own lab, kept up while the driver takes
+    """An idle pair (100 ms adverts, or ``interval_ms``) in its own lab, kept up while the driver takes
     interleaved measurement windows (ours, keepalived, ours ...): CPU seconds per
     minute and RSS of the master and the backup (keepalived: parent + VRRP child)."""
 
-    def __init__(self, kind: str, n: int, settle_s: float):
+    def __init__(self, kind: str, n: int, settle_s: float, interval_ms: int = 100):
         self.kind, self.n = kind, n
         self.variant = "2 VIPs" if n <= 2 else f"{n} VIPs"
+        if interval_ms != 100:
+            self.variant += f", {interval_ms} ms adverts"
         self.lab = topology.Lab(responders=False)
         self.lab.__enter__()
         self.error = ""
@@ -1083,10 +1085,10 @@ class CostSession:
         if kind == "ours":
             # the same announce rate as the scale figure, so that the takeover schedule
             # (burst + repeats) is over before measuring: this figure is the cost at rest
-            self.pair: Pair = OursPair(self.lab, 100, vips=vip_config(n) if n > 2 else None,
+            self.pair: Pair = OursPair(self.lab, interval_ms, vips=vip_config(n) if n > 2 else None,
                                        rate_pps=SCALE_RATE_PPS)
         else:
-            self.pair = KaPair(self.lab, 100, vips=vip_set(n) if n > 2 else None)
+            self.pair = KaPair(self.lab, interval_ms, vips=vip_set(n) if n > 2 else None)
         try:
             self.pair.start(timeout=bound)
         except topology.LabError:
