@@ -177,6 +177,13 @@ class DaemonCollector(Collector):
         yield _g("scheduling_at_risk", "1 if the advert interval is short enough to need real-time priority "
                  "and the daemon lacks it (a busy CPU can then cause false failovers).",
                  float(bool(sched["at_risk"])))
+        el = st["election"]
+        yield _c("election_process_cpu_seconds", "CPU time of the election process (adverts, FSM, takeover flip).",
+                 el["cpu_s"])
+        yield _g("election_process_resident_memory_bytes", "Resident memory of the election process.",
+                 el["rss_bytes"])
+        yield _g("election_snapshot_age_seconds", "Age of the election process's latest report to the director "
+                 "(over 2: it is stuck, and the systemd watchdog is no longer pinged).", el["snapshot_age_s"])
 
         tr = _c("transitions", "State transitions by old state, new state and reason.",
                 labels=["from", "to", "reason"])

@@ -53,6 +53,7 @@ STATUS = {
     "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "BACKUP", "priority": 100,
     "effective_priority": 100, "maintenance": False, "draining": False, "faults": [],
     "scheduling": {"realtime": True, "at_risk": False}, "announce": {"announcing": False},
+    "election": {"cpu_s": 1.5, "rss_bytes": 41_000_000, "snapshot_age_s": 0.2},
     "ipvs_available": True,
     "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 150, "state": "MASTER",
                "last_seen_s": 0.1, "config_match": True}],

@@ -35,6 +35,7 @@ STATUS = {
     "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "MASTER",
     "priority": 150, "effective_priority": 110, "maintenance": False, "draining": False, "faults": [],
     "scheduling": {"realtime": True, "at_risk": False},
+    "election": {"cpu_s": 1.5, "rss_bytes": 41_000_000, "snapshot_age_s": 0.2},
     "announce": {"announcing": True},
     "dataplane": {"delivery": True, "objects": {"rules": 2, "routes": 2, "nft_rules": 3, "ipvs_services": 1,
                                                  "ipvs_reals": 2}},

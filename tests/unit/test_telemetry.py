@@ -50,6 +50,7 @@ STATUS: dict[str, Any] = {
     "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "BACKUP", "priority": 100,
     "effective_priority": 100, "maintenance": False, "draining": False, "faults": [],
     "scheduling": {"realtime": True, "at_risk": False}, "announce": {"announcing": False},
+    "election": {"cpu_s": 1.5, "rss_bytes": 41_000_000, "snapshot_age_s": 0.2},
     "dataplane": {"delivery": False, "objects": {"rules": 0, "routes": 2, "ipvs_services": 1, "ipvs_reals": 2}},
     "ipvs_available": True,
     "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 150, "state": "MASTER",
@@ -275,7 +276,9 @@ def test_the_families_of_a_scrape():
     names = [fam.name for fam in collector.collect()]
     assert names == [P + n for n in (
         "info", "state", "priority", "effective_priority", "maintenance", "draining", "faults",
-        "scheduling_realtime", "scheduling_at_risk", "transitions", "last_transition_timestamp_seconds",
+        "scheduling_realtime", "scheduling_at_risk", "election_process_cpu_seconds",
+        "election_process_resident_memory_bytes", "election_snapshot_age_seconds", "transitions",
+        "last_transition_timestamp_seconds",
         "adverts_sent", "adverts_received", "adverts_rejected", "master_down_expiries", "split_brain_episodes",
         "notices", "announcements_sent", "announce_bursts", "announcing", "reconcile_runs", "reconcile_operations",
         "reconcile_errors", "drift_repairs", "delivery_installed", "ipvs_available", "kernel_objects",

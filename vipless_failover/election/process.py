@@ -122,6 +122,8 @@ class Snapshot:
     rejected: dict[RejectReason, int]
     transport: TransportCounters
     keys: dict[str, Any]
+    cpu_s: float = 0.0  # the election process's own CPU time
+    rss_bytes: int = 0  # and its resident memory
 
     @property
     def adverts(self) -> AdvertCounters:
@@ -516,7 +518,16 @@ class Election:
         self._next_snapshot = now + SNAPSHOT_PERIOD_S
         transport = self.transport.counters() if self.transport is not None else TransportCounters()
         return Snapshot(now, self.fsm.status(now), self.sent, self.received, dict(self.rejected),
-                        transport, self.keys.describe(self.decoder.key_used))
+                        transport, self.keys.describe(self.decoder.key_used), time.process_time(), _rss_bytes())
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (0 if /proc cannot say)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # ---------------------------------------------------------------------------
