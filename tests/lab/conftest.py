@@ -6,6 +6,10 @@
   (``make_cluster(a=NodeSettings(...), b=...)``); every daemon is stopped after.
 * ``pair``: ``make_cluster()`` with the defaults (a: priority 150, b: 100, 100 ms adverts).
 
+The checkout goes on sys.path here, so that the lab tests import ``tests.factories`` and
+``tests.contrib_exprs`` however pytest was started (tests/lab is no package: pytest puts
+just tests/lab on sys.path for it).
+
 Not root: skipped with the reason, except in CI (``CI=true``), where it is a failure.
 """
 
@@ -13,13 +17,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from netnslab.configgen import NodeSettings
 from netnslab.daemons import Cluster, default_settings
 from netnslab.topology import Lab
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 def _require_lab() -> None:

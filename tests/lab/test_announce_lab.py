@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from tests.factories import make_config
 from vipless_failover import config
 from vipless_failover.announce import Announcer, link
 from vipless_failover.dataplane.nexthop import NextHopAddress
@@ -141,15 +142,14 @@ class AnnounceLab:
 
     def config(self, ns: str, **announce_cfg: Any) -> config.Config:
         host = 11 if ns == self.a else 12
-        data = {
-            "node": {"name": f"director-{ns[-1]}", "interface": self.dev[ns], "address": f"192.0.2.{host}"},
-            "election": {"cluster_id": 51, "priority": 150 if ns == self.a else 100,
-                         "key_file": "/nonexistent/key"},
-            "delivery": {"table": TABLE, "rules": [{"to": str(VIP4)}, {"to": str(VIP6)}]},
-            "announce": {"mode": "per-vip", "vips": [str(VIP4), str(VIP6)], "rate_pps": 20000,
-                         "repeats": 3, "repeat_interval_ms": 300, **announce_cfg},
-        }
-        return config.parse(data, f"<{ns}>")
+        return make_config(
+            f"<{ns}>",
+            node={"name": f"director-{ns[-1]}", "interface": self.dev[ns], "address": f"192.0.2.{host}"},
+            election={"priority": 150 if ns == self.a else 100},
+            delivery={"table": TABLE, "rules": [{"to": str(VIP4)}, {"to": str(VIP6)}]},
+            announce={"mode": "per-vip", "vips": [str(VIP4), str(VIP6)], "rate_pps": 20000,
+                      "repeats": 3, "repeat_interval_ms": 300, **announce_cfg},
+        )
 
 
 @pytest.fixture

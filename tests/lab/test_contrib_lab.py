@@ -5,23 +5,15 @@ test; the names come from the same extractor as the unit test's)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_operations_lab import CONVERGE_S, METRICS, A, B, scrape, wait_for
 
 from netnslab.configgen import NodeSettings
 from netnslab.daemons import Cluster
-
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:  # tests.contrib_exprs, however pytest was started
-    sys.path.insert(0, _ROOT)
-
-from test_operations_lab import CONVERGE_S, METRICS, A, B, scrape, wait_for  # noqa: E402
-
-from tests.contrib_exprs import HISTOGRAM_SUFFIXES, referenced_metric_names  # noqa: E402
+from tests.contrib_exprs import HISTOGRAM_SUFFIXES, referenced_metric_names  # on sys.path: conftest.py
 
 pytestmark = pytest.mark.lab
 

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import structlog
 
+from tests.factories import config_dict
 from vipless_failover import config
 from vipless_failover.dataplane import Dataplane
 
@@ -152,15 +153,15 @@ class Client:
         self.sock.close()
 
 
-CFG: dict[str, Any] = {
-    "node": {"name": "d", "interface": "eth0", "address": "192.0.2.11"},
-    "election": {"cluster_id": 9, "priority": 100, "key_file": "/nonexistent"},
-    "delivery": {"table": 100, "rule_priority": 100, "rules": [{"fwmark": 1}]},
-    "marks": [{"name": "udp", "fwmark": 1, "destinations": ["198.51.100.0/24"], "protocols": ["udp"],
-               "ports": [PORT]}],
-    "ipvs": {"services": [{"fwmark": 1, "reals": [{"address": "203.0.113.21"}]}]},
-    "dataplane": {"reconcile_interval_s": 60},
-}
+CFG: dict[str, Any] = config_dict(
+    node={"name": "d"},
+    election={"cluster_id": 9, "priority": 100, "key_file": "/nonexistent"},
+    delivery={"table": 100, "rule_priority": 100, "rules": [{"fwmark": 1}]},
+    marks=[{"name": "udp", "fwmark": 1, "destinations": ["198.51.100.0/24"], "protocols": ["udp"],
+            "ports": [PORT]}],
+    ipvs={"services": [{"fwmark": 1, "reals": [{"address": "203.0.113.21"}]}]},
+    dataplane={"reconcile_interval_s": 60},
+)
 
 
 def make_cfg(**over: Any) -> config.Config:

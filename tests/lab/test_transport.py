@@ -181,15 +181,13 @@ _ports = iter(range(15800, 15900))
 def node_config(lab: Lab, i: int, family: int, transport: str, port: int,
                 peers: tuple[int, ...] = (), interface: str | None = None,
                 address: str | None = None) -> dict[str, Any]:
-    election: dict[str, Any] = {
-        "cluster_id": 51, "priority": 100, "key_file": "/nonexistent/lab.key",
-        "transport": transport, "port": port, "peers": [LAN[family].format(p) for p in peers],
-    }
-    return {
-        "node": {"name": f"n{i}", "interface": interface or lab.lan_if,
-                 "address": address or LAN[family].format(i)},
-        "election": election,
-    }
+    from tests.factories import config_dict  # here: the agent runs this file as a script
+
+    return config_dict(
+        node={"name": f"n{i}", "interface": interface or lab.lan_if, "address": address or LAN[family].format(i)},
+        election={"priority": 100, "key_file": "/nonexistent/lab.key", "transport": transport, "port": port,
+                  "peers": [LAN[family].format(p) for p in peers]},
+    )
 
 
 def received(reply: dict[str, Any]) -> list[tuple[str, str]]:

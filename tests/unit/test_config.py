@@ -9,30 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import config_toml, write_key
 from vipless_failover import config
 from vipless_failover.daemon import main as daemon_main
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
-MINIMAL = """
-[node]
-name = "director-a"
-interface = "eth0"
-address = "192.0.2.11"
-
-[election]
-cluster_id = 51
-priority = 150
-key_file = "{key}"
-"""
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "cluster.key"
-    path.write_text("0123456789abcdef0123456789abcdef\n")
-    path.chmod(0o600)
-    return path
+#: [node] and [election] (last: an appended line is an election key); write() fills in {key}
+MINIMAL = config_toml(election={"key_file": "{key}"})
 
 
 def write(tmp_path: Path, text: str, key: Path) -> Path:
@@ -245,9 +229,7 @@ def test_usage_error_exits_2(capsys):
 
 
 def test_accepted_keys_are_read_after_the_signing_key(tmp_path, key):
-    old = tmp_path / "cluster.key.old"
-    old.write_text("fedcba9876543210fedcba9876543210\n")
-    old.chmod(0o600)
+    old = write_key(tmp_path / "cluster.key.old", b"fedcba9876543210fedcba9876543210")
     text = MINIMAL + f'accept_key_files = ["{old}"]\nmax_clock_skew_ms = 2000\n'
     cfg = config.load(write(tmp_path, text, key))
     assert cfg.election.accept_key_files == (old,) and cfg.election.max_clock_skew_ms == 2000

@@ -17,28 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import config_toml
 from vipless_failover import config
 from vipless_failover.daemon import main as daemon_main, preflight
 
-BASE = """
-[node]
-name = "director-a"
-interface = "lo"
-address = "192.0.2.11"
-
-[election]
-cluster_id = 51
-priority = 150
-key_file = "{key}"
-"""
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "cluster.key"
-    path.write_text("0123456789abcdef0123456789abcdef\n")
-    path.chmod(0o600)
-    return path
+#: on lo (--check-config and preflight check the interface); {key} is filled in by each test
+BASE = config_toml(node={"interface": "lo"}, election={"key_file": "{key}"})
 
 
 def parse(extra: str) -> config.Config:

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import config_toml
 from vipless_failover import config
 
-BASE = """
-[node]
-name = "director-a"
-interface = "eth0"
-address = "192.0.2.11"
-
-[election]
-cluster_id = 51
-priority = 150
-key_file = "/etc/vipless-failover/cluster.key"
-"""
+BASE = config_toml()
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

@@ -33,6 +33,7 @@ from tests.contrib_exprs import (
     rule_test_cases,
     yaml_values,
 )
+from tests.factories import status
 from vipless_failover.metrics import build_registry
 from vipless_failover.telemetry import DaemonCounters
 
@@ -49,18 +50,7 @@ DS_UID = "${datasource}"
 # a small status: one peer, one tracked item, some kernel objects, and every key the
 # gauges read (the families do not depend on it; it only gives the labelled families
 # samples); the counters are all 0 (DaemonCounters())
-STATUS = {
-    "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "BACKUP", "priority": 100,
-    "effective_priority": 100, "maintenance": False, "draining": False, "faults": [],
-    "scheduling": {"realtime": True, "at_risk": False}, "announce": {"announcing": False},
-    "election": {"cpu_s": 1.5, "rss_bytes": 41_000_000, "snapshot_age_s": 0.2},
-    "ipvs_available": True,
-    "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 150, "state": "MASTER",
-               "last_seen_s": 0.1, "config_match": True}],
-    "tracked": [{"name": "link:eth0", "kind": "interface", "state": "ok", "weight": 0, "results": {}}],
-    "dataplane": {"delivery": False, "objects": {"rules": 0, "routes": 2, "ipvs_services": 1, "ipvs_reals": 2},
-                  "reconcile": {"runs": 1, "operations": 4, "errors": 0, "drift_repairs": 0}},
-}
+STATUS = status()
 
 
 def promtool() -> str:

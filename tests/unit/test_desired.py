@@ -10,26 +10,25 @@ from typing import Any
 
 import pytest
 
+from tests.factories import config_dict
 from vipless_failover import config
 from vipless_failover.dataplane import desired as d
 from vipless_failover.dataplane.desired import RouteSpec, RuleSpec
 
-BASE: dict[str, Any] = {
-    "node": {"name": "a", "interface": "eth0", "address": "192.0.2.11"},
-    "election": {"cluster_id": 51, "priority": 150, "key_file": "/nonexistent/key"},
-    "delivery": {
+BASE: dict[str, Any] = config_dict(
+    delivery={
         "table": 100, "rule_priority": 100,
         "rules": [{"fwmark": 1}, {"to": "198.51.100.0/24"}, {"fwmark": 0x20, "mask": 0xF0, "iif": "eth0"},
                   {"to": "2001:db8:5::/48", "iif": "eth1"}],
     },
-    "marks": [
+    marks=[
         {"name": "web", "fwmark": 1, "destinations": ["198.51.100.0/24", "2001:db8:5::/48"],
          "protocols": ["udp", "tcp"], "ports": [443, 80]},
         {"name": "dns", "fwmark": 2, "destinations": ["203.0.113.53/32"], "protocols": ["udp"]},
     ],
-    "ipvs": {"services": [{"fwmark": 1, "scheduler": "wrr",
-                           "reals": [{"address": "203.0.113.21"}, {"address": "203.0.113.22", "weight": 3}]}]},
-}
+    ipvs={"services": [{"fwmark": 1, "scheduler": "wrr",
+                        "reals": [{"address": "203.0.113.21"}, {"address": "203.0.113.22", "weight": 3}]}]},
+)
 
 
 def make(**over: Any) -> config.Config:

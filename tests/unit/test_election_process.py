@@ -11,12 +11,10 @@ from typing import Any
 
 import pytest
 
-from vipless_failover import config
+from tests.factories import KEY, make_config
 from vipless_failover.election import fsm, process
 from vipless_failover.election.protocol import State
 from vipless_failover.telemetry import AnnounceKind, NoticeKind
-
-KEY = b"0123456789abcdef0123456789abcdef"
 
 
 class NullLog:
@@ -50,10 +48,9 @@ class Recorder:
 
 @pytest.fixture
 def election(tmp_path: Path):
-    cfg = config.parse({"node": {"name": "director-a", "interface": "lo", "address": "192.0.2.11"},
-                        "election": {"cluster_id": 51, "priority": 150, "key_file": str(tmp_path / "k")},
-                        "control": {"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path)}},
-                       tmp_path / "director.toml")
+    cfg = make_config(tmp_path / "director.toml", node={"interface": "lo"},
+                      election={"key_file": str(tmp_path / "k")},
+                      control={"socket": str(tmp_path / "control.sock"), "state_dir": str(tmp_path)})
     up, down = process.Channel.pair()
     director = process.Channel(up)
     flags = process.SharedFlags()

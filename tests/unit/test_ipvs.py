@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import make_config
 from vipless_failover.dataplane import ipvs
 from vipless_failover.dataplane.ipvs_plan import AddService, DeleteDest, EditService, IpvsDest, IpvsServiceState
 
@@ -87,13 +88,8 @@ def test_unavailable_without_ipvs_is_reported_not_raised() -> None:
 
 
 def _sched_cfg(*schedulers: str):
-    from vipless_failover import config as config_mod
     services = [{"fwmark": i + 1, "scheduler": s} for i, s in enumerate(schedulers)]
-    return config_mod.parse({
-        "node": {"name": "d", "interface": "eth0", "address": "192.0.2.11"},
-        "election": {"cluster_id": 1, "priority": 100, "key_file": "/k"},
-        "ipvs": {"services": services},
-    })
+    return make_config(ipvs={"services": services})
 
 
 def test_missing_schedulers_from_the_kernel_module_lists(tmp_path):

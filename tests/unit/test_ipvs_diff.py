@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.factories import config_dict
 from vipless_failover import config
 from vipless_failover.dataplane import ipvs_plan as plan
 from vipless_failover.dataplane.ipvs_plan import (
@@ -27,16 +28,12 @@ from vipless_failover.dataplane.ipvs_plan import (
 
 A = ipaddress.ip_address
 
-BASE: dict[str, Any] = {
-    "node": {"name": "a", "interface": "eth0", "address": "192.0.2.11"},
-    "election": {"cluster_id": 51, "priority": 150, "key_file": "/nonexistent/key"},
-    "ipvs": {"services": [
-        {"fwmark": 1, "scheduler": "wrr",
-         "reals": [{"address": "203.0.113.21"}, {"address": "203.0.113.22", "weight": 3, "forward": "nat"}]},
-        {"fwmark": 2, "family": "inet6", "scheduler": "sh", "persistence_s": 120, "flags": ["sh-port"],
-         "reals": [{"address": "2001:db8::21", "port": 8080, "forward": "tun", "weight": 7}]},
-    ]},
-}
+BASE: dict[str, Any] = config_dict(ipvs={"services": [
+    {"fwmark": 1, "scheduler": "wrr",
+     "reals": [{"address": "203.0.113.21"}, {"address": "203.0.113.22", "weight": 3, "forward": "nat"}]},
+    {"fwmark": 2, "family": "inet6", "scheduler": "sh", "persistence_s": 120, "flags": ["sh-port"],
+     "reals": [{"address": "2001:db8::21", "port": 8080, "forward": "tun", "weight": 7}]},
+]})
 
 
 def make(mutate: Any = None) -> config.Config:

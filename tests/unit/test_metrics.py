@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.factories import status
 from vipless_failover.metrics import MetricsServer, build_registry, reason_kind
 from vipless_failover.telemetry import (
     AdvertCounters,
@@ -30,22 +31,17 @@ from vipless_failover.telemetry import (
     RejectReason,
 )
 
-# the gauges' part of a status dict (the counters are in COUNTERS)
-STATUS = {
-    "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "MASTER",
-    "priority": 150, "effective_priority": 110, "maintenance": False, "draining": False, "faults": [],
-    "scheduling": {"realtime": True, "at_risk": False},
-    "election": {"cpu_s": 1.5, "rss_bytes": 41_000_000, "snapshot_age_s": 0.2},
-    "announce": {"announcing": True},
-    "dataplane": {"delivery": True, "objects": {"rules": 2, "routes": 2, "nft_rules": 3, "ipvs_services": 1,
-                                                 "ipvs_reals": 2}},
-    "ipvs_available": True,
-    "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 100, "state": "BACKUP",
-               "last_seen_s": 0.05, "config_match": True}],
-    "tracked": [{"name": "link:eth0", "kind": "interface", "state": "ok", "weight": 0, "results": {}},
-                {"name": "check:web", "kind": "check", "state": "failed", "weight": 40,
-                 "results": {"ok": 3, "failed": 2, "timeout": 1}}],
-}
+# the gauges' part of a status dict (the counters are in COUNTERS): a MASTER, delivery
+# on, its peer the BACKUP, one of its two tracked items failed
+STATUS = status(
+    state="MASTER", priority=150, effective_priority=110, announce={"announcing": True},
+    dataplane={"delivery": True, "objects": {"rules": 2, "nft_rules": 3}},
+    peers=[{"node": "director-b", "address": "192.0.2.12", "priority": 100, "state": "BACKUP",
+            "last_seen_s": 0.05, "config_match": True}],
+    tracked=[{"name": "link:eth0", "kind": "interface", "state": "ok", "weight": 0, "results": {}},
+             {"name": "check:web", "kind": "check", "state": "failed", "weight": 40,
+              "results": {"ok": 3, "failed": 2, "timeout": 1}}],
+)
 COUNTERS = DaemonCounters(
     adverts=AdvertCounters(sent=12, received=30, rejected={RejectReason.AUTH: 2, RejectReason.REPLAY: 1}),
     notices=NoticeCounters({NoticeKind.MASTER_DOWN: 1, NoticeKind.SPLIT_BRAIN: 4}),

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vipless_failover import config
+from tests.factories import KEY, make_config, status
 from vipless_failover.control import ControlServer
 from vipless_failover.daemon import Daemon
 from vipless_failover.election import fsm, process
@@ -46,17 +46,7 @@ from vipless_failover.telemetry import (
 P = "vipless_failover_"
 
 #: every key of the status dict the gauges read (the counters are not read from it)
-STATUS: dict[str, Any] = {
-    "version": "0.1.0", "node": "director-a", "cluster_id": 51, "state": "BACKUP", "priority": 100,
-    "effective_priority": 100, "maintenance": False, "draining": False, "faults": [],
-    "scheduling": {"realtime": True, "at_risk": False}, "announce": {"announcing": False},
-    "election": {"cpu_s": 1.5, "rss_bytes": 41_000_000, "snapshot_age_s": 0.2},
-    "dataplane": {"delivery": False, "objects": {"rules": 0, "routes": 2, "ipvs_services": 1, "ipvs_reals": 2}},
-    "ipvs_available": True,
-    "peers": [{"node": "director-b", "address": "192.0.2.12", "priority": 150, "state": "MASTER",
-               "last_seen_s": 0.1, "config_match": True}],
-    "tracked": [{"name": "check:web", "kind": "check", "state": "ok", "weight": 10, "results": {"ok": 1}}],
-}
+STATUS: dict[str, Any] = status()
 
 #: labelled counter families: metric, label, the enum of its values, where the snapshot keeps them
 LABELLED = [
@@ -312,18 +302,11 @@ class StubTransport:
         return TransportCounters(sent=7, send_errors=1, received=9, ttl_drops=2, drained=3)
 
 
-KEY = b"0123456789abcdef0123456789abcdef"
-
-
 @pytest.fixture
-async def daemon(tmp_path: Path):
-    key = tmp_path / "cluster.key"
-    key.write_bytes(KEY + b"\n")
-    key.chmod(0o600)
-    cfg = config.parse({"node": {"name": "director-a", "interface": "lo", "address": "192.0.2.11"},
-                        "election": {"cluster_id": 51, "priority": 150, "key_file": str(key)},
-                        "control": {"socket": str(tmp_path / "run" / "control.sock"),
-                                    "state_dir": str(tmp_path / "state")}}, tmp_path / "director.toml")
+async def daemon(tmp_path: Path, key: Path):
+    cfg = make_config(tmp_path / "director.toml", node={"interface": "lo"}, election={"key_file": str(key)},
+                      control={"socket": str(tmp_path / "run" / "control.sock"),
+                               "state_dir": str(tmp_path / "state")})
     d = Daemon(cfg, KEY, NullLog())
     d.loop = asyncio.get_running_loop()
     yield d

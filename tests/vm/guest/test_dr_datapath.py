@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import structlog
 
+from tests.factories import make_config
 from vipless_failover import config
 from vipless_failover.dataplane.reconcile import Dataplane
 
@@ -65,17 +66,17 @@ print(json.dumps(out))
 
 
 def cfg_for(name: str, address: str, real2_weight: int = 1) -> config.Config:
-    return config.parse({
-        "node": {"name": name, "interface": "eth0", "address": address},
-        "election": {"cluster_id": 51, "priority": 150, "key_file": "/nonexistent/key"},
-        "delivery": {"table": 100, "rule_priority": 100, "rules": [{"fwmark": 1}]},
-        "marks": [{"name": "echo", "fwmark": 1, "destinations": ["198.51.100.0/24"],
-                   "protocols": ["tcp", "udp"], "ports": [PORT]}],
-        "ipvs": {"services": [{"fwmark": 1, "scheduler": "rr", "reals": [
+    return make_config(
+        f"{name}.toml",
+        node={"name": name, "address": address},
+        delivery={"table": 100, "rule_priority": 100, "rules": [{"fwmark": 1}]},
+        marks=[{"name": "echo", "fwmark": 1, "destinations": ["198.51.100.0/24"],
+                "protocols": ["tcp", "udp"], "ports": [PORT]}],
+        ipvs={"services": [{"fwmark": 1, "scheduler": "rr", "reals": [
             {"address": REALS["real-1"], "forward": "dr"},
             {"address": REALS["real-2"], "forward": "dr", "weight": real2_weight}]}]},
-        "announce": {"mode": "none"},
-    }, f"{name}.toml")
+        announce={"mode": "none"},
+    )
 
 
 class DrLab:

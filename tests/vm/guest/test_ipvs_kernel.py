@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.factories import config_dict, config_toml, write_key
 from vipless_failover import config
 from vipless_failover.dataplane import ipvs
 from vipless_failover.dataplane.ipvs import IpvsError, IpvsServices
@@ -24,16 +25,12 @@ from vipless_failover.dataplane.ipvs_plan import (
 
 from .conftest import Namespaces, ipvsadm_ln, nsexec, sh
 
-BASE: dict[str, Any] = {
-    "node": {"name": "a", "interface": "eth0", "address": "192.0.2.11"},
-    "election": {"cluster_id": 51, "priority": 150, "key_file": "/nonexistent/key"},
-    "ipvs": {"services": [
-        {"fwmark": 1, "scheduler": "wrr",
-         "reals": [{"address": "203.0.113.21"}, {"address": "203.0.113.22", "weight": 3, "forward": "nat"}]},
-        {"fwmark": 2, "family": "inet6", "scheduler": "sh", "persistence_s": 120,
-         "reals": [{"address": "2001:db8::21", "forward": "tun", "weight": 7}]},
-    ]},
-}
+BASE: dict[str, Any] = config_dict(node={"name": "a"}, ipvs={"services": [
+    {"fwmark": 1, "scheduler": "wrr",
+     "reals": [{"address": "203.0.113.21"}, {"address": "203.0.113.22", "weight": 3, "forward": "nat"}]},
+    {"fwmark": 2, "family": "inet6", "scheduler": "sh", "persistence_s": 120,
+     "reals": [{"address": "2001:db8::21", "forward": "tun", "weight": 7}]},
+]})
 
 #: ``ipvsadm -Ln`` for BASE, whitespace normalized
 BASE_LISTING = {
@@ -182,36 +179,13 @@ def test_daemon_refuses_a_scheduler_the_kernel_lacks_and_applies_nothing(netns: 
     for dev in ("eth0", "eth1"):
         nsexec(ns, "ip", "link", "set", dev, "up")
     nsexec(ns, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
-    key = tmp_path / "key"
-    key.write_text("0123456789abcdef0123456789abcdef\n")
-    key.chmod(0o600)
+    key = write_key(tmp_path / "key")
     cfg = tmp_path / "director.toml"
-    cfg.write_text(f"""
-[node]
-name = "a"
-interface = "eth0"
-address = "192.0.2.11"
-[election]
-cluster_id = 51
-priority = 150
-key_file = "{key}"
-[control]
-socket = "{tmp_path}/control.sock"
-state_dir = "{tmp_path}"
-[metrics]
-listen = ""
-[[delivery.rules]]
-fwmark = 1
-[[marks]]
-name = "web"
-fwmark = 1
-destinations = ["198.51.100.0/24"]
-[[ipvs.services]]
-fwmark = 1
-scheduler = "twos"
-[announce]
-mode = "none"
-""")
+    cfg.write_text(config_toml(
+        node={"name": "a"}, election={"key_file": str(key)},
+        control={"socket": f"{tmp_path}/control.sock", "state_dir": str(tmp_path)}, metrics={"listen": ""},
+        delivery={"rules": [{"fwmark": 1}]}, marks=[{"name": "web", "fwmark": 1, "destinations": ["198.51.100.0/24"]}],
+        ipvs={"services": [{"fwmark": 1, "scheduler": "twos"}]}, announce={"mode": "none"}))
     daemon = os.path.join(os.path.dirname(sys.executable), "vipless-failoverd")
     p = nsexec(ns, daemon, "--config", str(cfg), check=False, timeout=60)
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
