@@ -40,7 +40,7 @@ from typing import Any
 
 from netnslab import topology
 
-from . import isolation, no_rt, report, scenarios as S
+from . import cost, crash, flood, isolation, no_rt, report, scale, scenarios as S, soak
 from .keepalived import KEEPALIVED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,18 +99,18 @@ def fig_crash_graceful(run: Run, interval_ms: int, what: str) -> None:
             for kind in S.DAEMONS:
                 if what == "crash":
                     run.safe("crash", f"{interval_ms} ms adverts", kind, i,
-                             lambda: S.crash_trial(kind, i, interval_ms, lab=lab, n=run.n))
+                             lambda: crash.crash_trial(kind, i, interval_ms, lab=lab, n=run.n))
                 else:
                     run.safe("graceful", f"sigterm, {interval_ms} ms adverts", kind, i,
-                             lambda: S.graceful_trial(kind, i, interval_ms, "sigterm", lab=lab))
+                             lambda: crash.graceful_trial(kind, i, interval_ms, "sigterm", lab=lab))
             if what == "graceful":  # promote: ours only (keepalived has no such command)
                 run.safe("graceful", f"promote, {interval_ms} ms adverts", "ours", i,
-                         lambda: S.graceful_trial("ours", i, interval_ms, "promote", lab=lab))
+                         lambda: crash.graceful_trial("ours", i, interval_ms, "promote", lab=lab))
     run.save()
 
 
 def fig_scale(run: Run, sizes: list[int]) -> None:
-    with S.raised_gc_thresh():
+    with scale.raised_gc_thresh():
         for mode in ("per-vip", "next-hop"):
             hits: dict[str, int] = {k: 0 for k in S.DAEMONS}
             hit_size: dict[str, int] = {}
@@ -123,7 +123,7 @@ def fig_scale(run: Run, sizes: list[int]) -> None:
                                             note=f"not run: time bound hit twice at {hit_size[kind]} VIPs"))
                             continue
                         before = len(run.trials)
-                        run.safe("scale", variant, kind, i, lambda: S.scale_trial(kind, i, n, mode))
+                        run.safe("scale", variant, kind, i, lambda: scale.scale_trial(kind, i, n, mode))
                         if run.trials[before:] and run.trials[-1]["bound_hit"]:
                             hits[kind] += 1
                             hit_size.setdefault(kind, n)
@@ -139,7 +139,7 @@ def fig_cost(run: Run, sizes: list[int], window_s: float, settle_s: float) -> No
         sessions = {}
         try:
             for kind in S.DAEMONS:
-                sessions[kind] = S.CostSession(kind, n, settle_s, interval_ms)
+                sessions[kind] = cost.CostSession(kind, n, settle_s, interval_ms)
             for i in range(run.n):
                 for kind in S.DAEMONS:
                     # keepalived with thousands of VIPs burns a third of a core per node:
@@ -152,7 +152,7 @@ def fig_cost(run: Run, sizes: list[int], window_s: float, settle_s: float) -> No
                         run.safe("cost", sessions[kind].variant, kind, i,
                                  lambda: sessions[kind].measure(i, window_s))
                     finally:
-                        S.resume(paused)
+                        cost.resume(paused)
                     if paused:
                         time.sleep(window_s)  # keepalived catches up on what the pause held, unmeasured
         finally:
@@ -162,11 +162,11 @@ def fig_cost(run: Run, sizes: list[int], window_s: float, settle_s: float) -> No
 
 
 def fig_soak(run: Run, minutes: float, sample_s: float, settle_s: float) -> None:
-    sessions: dict[str, S.CostSession] = {}
+    sessions: dict[str, cost.CostSession] = {}
     try:
         for kind in S.DAEMONS:
-            sessions[kind] = S.CostSession(kind, 2, settle_s)
-        run.safe("soak", "2 VIPs", "both", 0, lambda: S.soak(sessions, minutes, sample_s))
+            sessions[kind] = cost.CostSession(kind, 2, settle_s)
+        run.safe("soak", "2 VIPs", "both", 0, lambda: soak.soak(sessions, minutes, sample_s))
     finally:
         for s in sessions.values():
             s.close()
@@ -176,7 +176,7 @@ def fig_soak(run: Run, minutes: float, sample_s: float, settle_s: float) -> None
 def fig_flood(run: Run) -> None:
     for i in range(run.n):
         for kind in S.DAEMONS:
-            run.safe("flood", "10,000/s for 10 s", kind, i, lambda: S.flood_trial(kind, i))
+            run.safe("flood", "10,000/s for 10 s", kind, i, lambda: flood.flood_trial(kind, i))
     run.save()
 
 

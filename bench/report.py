@@ -60,7 +60,7 @@ def scale_target(variant: str) -> tuple[str, float]:
     n_vips = int(n.split()[0])
     if mode == "next-hop":
         return "<= 50 ms", 50.0
-    from .scenarios import SCALE_RATE_PPS
+    from .scale import SCALE_RATE_PPS
     frames = n_vips * (2 if n_vips <= 256 else 1)  # IPv4: request + reply GARP; IPv6: one NA
     bound = frames / SCALE_RATE_PPS * 1000 + 50
     return f"<= {bound:.0f} ms ({frames} frames at {SCALE_RATE_PPS:,} pps + 50)", bound
@@ -210,7 +210,7 @@ def table_cost(trials: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def table_soak(trials: Sequence[dict[str, Any]]) -> list[str]:
-    from .scenarios import SOAK_PROJECTION_DAYS as DAYS, SOAK_RSS_TARGET_MB as TARGET
+    from .soak import SOAK_PROJECTION_DAYS as DAYS, SOAK_RSS_TARGET_MB as TARGET
     lines = ["| role, VIPs | daemon | minutes | RSS MB start / max / end | growth, second half, kB/min | "
              f"RSS MB projected at {DAYS} days | % of one core over the run | target (ours) | result |",
              "|---|---|---|---|---|---|---|---|---|"]
