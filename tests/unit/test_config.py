@@ -202,7 +202,7 @@ def test_key_file_is_directory(tmp_path, capsys):
 
 
 def test_relative_key_path_is_relative_to_config(tmp_path, key):
-    path = write(tmp_path, MINIMAL.replace(str(key), key.name), key)
+    path = write(tmp_path, MINIMAL.replace("{key}", key.name), key)  # key_file = "cluster.key", beside the config
     assert config.read_key(config.load(path)) == b"0123456789abcdef0123456789abcdef"
 
 
