@@ -157,6 +157,7 @@ def isolation_trial(kind: str, index: int, interval_ms: int, seconds: float) -> 
             if isinstance(pair, S.OursPair):
                 st = pair.cluster[S.A].status_now() or {}
                 details["reconcile"] = (st.get("dataplane") or {}).get("reconcile")
+                details["election"] = st.get("election")  # its own worst gap between master adverts
                 details["metrics_server"] = st.get("metrics")
                 details["control_counters"] = st.get("control")
                 details["announce_starts"] = sum(1 for te, w in events if w == "burst" and t0 <= te <= t1)

@@ -105,3 +105,5 @@ def test_status_names_the_election_process_which_runs_above_the_director(
     director = st["election"]["director_scheduling"]
     assert director["policy"] == "SCHED_RR" and director["priority"] == 5
     assert 0 <= st["election"]["snapshot_age_s"] < 0.1
+    # the master's own view of its advert schedule (100 ms adverts, RT 10, an idle lab)
+    assert 100 <= st["election"]["worst_master_gap_ms"] < 150, st["election"]

@@ -156,3 +156,16 @@ def test_the_channel_never_blocks_and_keeps_the_order() -> None:
 def test_messages_survive_the_channel_as_the_same_objects() -> None:
     step = process.Step((fsm.Refused("demote", "not master (state is BACKUP)"),), 1.0, 2.0)
     assert pickle.loads(pickle.dumps(step)) == step
+
+
+def test_the_worst_gap_between_master_adverts_is_what_the_process_saw(election) -> None:
+    import time
+    e, _, director = election
+    e.execute([fsm.SendAdvert(State.MASTER, 150)])
+    time.sleep(0.03)
+    e.execute([fsm.SendAdvert(State.MASTER, 150)])
+    e.execute([fsm.SendAdvert(State.BACKUP, 150)])  # not master: the next master advert starts afresh
+    time.sleep(0.06)
+    e.execute([fsm.SendAdvert(State.MASTER, 150)])
+    snap = e.snapshot()
+    assert 30 <= snap.worst_master_gap_ms < 60, snap.worst_master_gap_ms

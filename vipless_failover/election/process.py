@@ -49,7 +49,7 @@ from ..dataplane.desired import RuleSpec
 from ..dataplane.rules import RuleFlipper
 from ..telemetry import AdvertCounters, AnnounceKind, RejectReason, TransportCounters
 from . import fsm
-from .protocol import Advert, AdvertDecoder, AdvertRejected, encode_advert, next_counter
+from .protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
 from .transport import AdvertTransport
 from .trust import KeyRing, PeerTrouble
 
@@ -124,6 +124,9 @@ class Snapshot:
     keys: dict[str, Any]
     cpu_s: float = 0.0  # the election process's own CPU time
     rss_bytes: int = 0  # and its resident memory
+    #: the longest time between two master adverts it sent, as it saw it (ms): what the
+    #: process did, apart from what the network path to the peers added
+    worst_master_gap_ms: float = 0.0
 
     @property
     def adverts(self) -> AdvertCounters:
@@ -284,6 +287,8 @@ class Election:
         self._next_snapshot = 0.0
         self._decided = (time.time(), time.monotonic())
         self.exit: fsm.Exit | None = None
+        self._last_master_sent: float | None = None
+        self.worst_master_gap_s = 0.0
         self.apply(setup)
 
     # -- set-up ------------------------------------------------------------------
@@ -337,7 +342,10 @@ class Election:
                 if any(fd == chan_fd for fd, _ in events):
                     self._read_channel()
                 if time.monotonic() >= self._next_snapshot and self.exit is None:
-                    self.chan.send(self.snapshot())
+                    if self.chan.pending:  # the director is behind: no more of these queued
+                        self._next_snapshot = time.monotonic() + SNAPSHOT_PERIOD_S
+                    else:
+                        self.chan.send(self.snapshot())
         finally:
             ep.close()
 
@@ -512,13 +520,21 @@ class Election:
                      counter=self.counter, config_digest=self.digest)
         self.transport.send(encode_advert(msg, self.keys.signing))
         self.sent += 1
+        if action.state is State.MASTER:
+            now = time.monotonic()
+            if self._last_master_sent is not None:
+                self.worst_master_gap_s = max(self.worst_master_gap_s, now - self._last_master_sent)
+            self._last_master_sent = now
+        else:
+            self._last_master_sent = None
 
     def snapshot(self) -> Snapshot:
         now = time.monotonic()
         self._next_snapshot = now + SNAPSHOT_PERIOD_S
         transport = self.transport.counters() if self.transport is not None else TransportCounters()
         return Snapshot(now, self.fsm.status(now), self.sent, self.received, dict(self.rejected),
-                        transport, self.keys.describe(self.decoder.key_used), time.process_time(), _rss_bytes())
+                        transport, self.keys.describe(self.decoder.key_used), time.process_time(), _rss_bytes(),
+                        round(self.worst_master_gap_s * 1000, 3))
 
 
 def _rss_bytes() -> int:
