@@ -6,6 +6,7 @@ The process itself, its sockets and its flip run in the host lab
 from __future__ import annotations
 
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,7 @@ def test_messages_survive_the_channel_as_the_same_objects() -> None:
 
 
 def test_the_worst_gap_between_master_adverts_is_what_the_process_saw(election) -> None:
-    import time
-    e, _, director = election
+    e, _, _ = election
     e.execute([fsm.SendAdvert(State.MASTER, 150)])
     time.sleep(0.03)
     e.execute([fsm.SendAdvert(State.MASTER, 150)])
