@@ -5,6 +5,7 @@ The process itself, its sockets and its flip run in the host lab
 
 from __future__ import annotations
 
+import ipaddress
 import pickle
 import time
 from pathlib import Path
@@ -169,3 +170,102 @@ def test_the_worst_gap_between_master_adverts_is_what_the_process_saw(election) 
     e.execute([fsm.SendAdvert(State.MASTER, 150)])
     snap = e.snapshot()
     assert 30 <= snap.worst_master_gap_ms < 60, snap.worst_master_gap_ms
+
+
+# -- the adapter on a hand-set clock: what the loop does, in its order ----------------
+
+
+class Clock:
+    """The election's clock, set by hand; ``wall_us(t)`` is the senders' wall clock at
+    ``t`` (the adverts' counters; the receiver judges them against the real wall clock,
+    so a story must stay within the replay window, 5 s)."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = self.t0 = t
+        self.wall0_us = time.time_ns() // 1000
+
+    def wall_us(self, t: float) -> int:
+        return self.wall0_us + int((t - self.t0) * 1e6)
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def master_advert(e: process.Election, counter: int) -> bytes:
+    from vipless_failover.election.protocol import Advert, encode_advert
+    return encode_advert(Advert(cluster_id=e.cfg.election.cluster_id, node="director-b",
+                                address=ipaddress.ip_address("192.0.2.12"), priority=200,
+                                advert_interval_ms=e.cfg.election.advert_interval_ms, state=State.MASTER,
+                                counter=counter, config_digest=e.digest), KEY)
+
+
+def arrived(e: process.Election, clock: Clock, at: float) -> None:
+    """director-b's master advert, sent (its counter: its wall clock then) and received at
+    ``at`` on the hand-set clock, read now."""
+    e._on_datagram(master_advert(e, clock.wall_us(at)), ipaddress.ip_address("192.0.2.12"), at)
+
+
+def started_backup(e: process.Election, clock: Clock) -> None:
+    """Started, then hearing director-b (priority 200) as master: a backup."""
+    e.clock = clock
+    e._input("command", fsm.Start())
+    arrived(e, clock, clock.t)
+    e._process()
+    assert e.fsm.state is State.BACKUP and e.fsm.master == "director-b"
+
+
+def test_on_a_hand_set_clock_the_master_down_timer_takes_over_flip_first(election) -> None:
+    e, rec, director = election
+    clock = Clock()
+    started_backup(e, clock)
+    deadline = e.fsm.master_down_at
+    while (due := e.fsm.next_deadline()) is not None and due < deadline:  # its own backup adverts
+        clock.t = due
+        e._timer()
+    rec.done.clear()
+    clock.t = deadline - 0.01
+    e._timer()  # not due: nothing
+    assert e.fsm.state is State.BACKUP and not rec.done
+    clock.t = deadline
+    e._timer()
+    assert e.fsm.state is State.MASTER
+    assert [what for what, _ in rec.done] == ["flip", "frame", "frame", "advert"]
+    steps = [m for m in director.receive() or [] if isinstance(m, process.Step)]
+    names = [type(a).__name__ for a in steps[-1].actions]
+    assert names[names.index("Transition"):] == ["Transition", "InstallDelivery", "StartAnnounce"], names
+    assert steps[-1].decided_mono == deadline  # decided at the deadline, on the election's clock
+
+
+def test_on_a_hand_set_clock_adverts_that_waited_through_a_pause_hold_the_backup(
+        election) -> None:
+    e, rec, _ = election
+    clock = Clock()
+    started_backup(e, clock)
+    rec.done.clear()
+    t0 = clock.t
+    clock.t = t0 + 4.5  # resumed after 4.5 s: the master-down deadline (3.4 s at 1 s adverts) passed ...
+    for k in range(1, 45):  # ... but the master's adverts of the pause wait in the socket
+        arrived(e, clock, t0 + k * 0.1)
+    e._process()  # read first (the loop's _read_adverts), decided at their arrival times
+    assert not e.rejected  # every one accepted
+    e._timer()
+    # no takeover: no flip, no frame (its periodic backup advert, once a second, is due)
+    assert e.fsm.state is State.BACKUP and [what for what, _ in rec.done] in ([], ["advert"])
+
+
+def test_on_a_hand_set_clock_adverts_read_late_count_from_their_arrival(election) -> None:
+    """The master fell silent 0.5 s into a 4.5 s pause (1 s adverts): its adverts, read after the
+    pause, count from when they arrived, so its silence is seen and this node takes over
+    (decided at their receive times, they would have held it backup past master-down)."""
+    e, rec, _ = election
+    clock = Clock()
+    started_backup(e, clock)
+    t0 = clock.t
+    clock.t = t0 + 4.5
+    for k in range(1, 6):
+        arrived(e, clock, t0 + k * 0.1)
+    e._process()
+    assert not e.rejected
+    assert e.fsm.master_down_at is not None and e.fsm.master_down_at < clock.t
+    e._timer()
+    assert e.fsm.state is State.MASTER and ("flip", (True, True)) in rec.done

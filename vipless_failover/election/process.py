@@ -40,6 +40,7 @@ import socket
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,7 +263,10 @@ class Election:
     """The loop of the election process (see the module doc)."""
 
     def __init__(self, cfg: Config, digest: bytes, channel: Channel, flags: SharedFlags, log: Any,
-                 setup: Setup):
+                 setup: Setup, clock: Callable[[], float] = time.monotonic):
+        """``clock``: the time every decision is taken at (time.monotonic, the transport's
+        and asyncio's clock; tests set it by hand)."""
+        self.clock = clock
         self.cfg = cfg
         self.digest = digest
         self.chan = channel
@@ -285,7 +289,7 @@ class Election:
         self.inputs: deque[tuple[str, Any, Any, float | None]] = deque()
         self._fsm_now = 0.0
         self._next_snapshot = 0.0
-        self._decided = (time.time(), time.monotonic())
+        self._decided = (time.time(), self.clock())
         self.exit: fsm.Exit | None = None
         self._last_master_sent: float | None = None
         self.worst_master_gap_s = 0.0
@@ -332,7 +336,7 @@ class Election:
                 wake = self._next_snapshot
                 if deadline is not None:
                     wake = min(wake, deadline - PRECISE_LEAD_S if precise else deadline)
-                events = ep.poll(max(0.0, wake - time.monotonic()))
+                events = ep.poll(max(0.0, wake - self.clock()))
                 if self.chan.pending:
                     self.chan.flush()
                 # adverts first, at their kernel receive times: after a pause, the adverts
@@ -341,9 +345,9 @@ class Election:
                 self._timer()
                 if any(fd == chan_fd for fd, _ in events):
                     self._read_channel()
-                if time.monotonic() >= self._next_snapshot and self.exit is None:
+                if self.clock() >= self._next_snapshot and self.exit is None:
                     if self.chan.pending:  # the director is behind: no more of these queued
-                        self._next_snapshot = time.monotonic() + SNAPSHOT_PERIOD_S
+                        self._next_snapshot = self.clock() + SNAPSHOT_PERIOD_S
                     else:
                         self.chan.send(self.snapshot())
         finally:
@@ -358,15 +362,15 @@ class Election:
         deadline = self.fsm.next_deadline()
         if deadline is None:
             return
-        if deadline == self.fsm.master_down_at and 0 < deadline - time.monotonic() <= PRECISE_LEAD_S:
+        if deadline == self.fsm.master_down_at and 0 < deadline - self.clock() <= PRECISE_LEAD_S:
             # the takeover's timer: spin the rest (a sleep overshoots by the timer slack
             # and a wake-up, and the takeover then runs on a cold CPU), then read what
             # came meanwhile
-            while time.monotonic() < deadline:
+            while self.clock() < deadline:
                 pass
             self._read_adverts()
             deadline = self.fsm.next_deadline()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and self.clock() >= deadline:
             self._input("timer", None)
 
     def _read_channel(self) -> None:
@@ -387,7 +391,7 @@ class Election:
 
     def _on_datagram(self, data: bytes, src: Any, rx_time: float) -> None:
         self.received += 1
-        rx_wall_us = int((time.time() - max(0.0, time.monotonic() - rx_time)) * 1e6)
+        rx_wall_us = int((time.time() - max(0.0, self.clock() - rx_time)) * 1e6)
         try:
             msg = self.decoder.decode(data, rx_wall_us)
         except AdvertRejected as exc:
@@ -395,7 +399,7 @@ class Election:
             if self.rejected[exc.reason] in (1, 10, 100, 1000) or self.rejected[exc.reason] % 10000 == 0:
                 self.log.warning("advert_rejected", reason=exc.reason, src=str(src), detail=exc.detail,
                                  count=self.rejected[exc.reason])
-            kind = self.trouble.notice(exc.reason, src, time.monotonic())
+            kind = self.trouble.notice(exc.reason, src, self.clock())
             if kind is not None:  # a peer's address: a key or a clock that differs splits the brain
                 self._send_step([fsm.Notice(kind, str(src), exc.detail)], {})
             return
@@ -419,12 +423,12 @@ class Election:
                 self.log.exception("internal_error")
 
     def _decide(self, kind: str, payload: Any, src: Any, at: float | None) -> list[fsm.Action]:
-        present = time.monotonic()
+        present = self.clock()
         # an advert at its arrival time (inputs reach the election in arrival order, so
         # this only moves forward), everything else at the present
         now = max(self._fsm_now, present if at is None else min(at, present))
         self._fsm_now = now
-        self._decided = (time.time(), time.monotonic())
+        self._decided = (time.time(), self.clock())
         try:
             if kind == "advert":
                 return self.fsm.handle_advert(payload, src, now, handled_at=present)
@@ -487,7 +491,7 @@ class Election:
             results = tuple(self.flipper.flip(self.flip_rules, on)) if self.flip_rules else ()
         except OSError as exc:
             results = tuple((rule, exc.errno or -1) for rule in self.flip_rules)
-        return Flipped(on, time.monotonic(), results, (time.perf_counter() - t0) * 1000)
+        return Flipped(on, self.clock(), results, (time.perf_counter() - t0) * 1000)
 
     def _lead(self) -> LeadSent:
         self.flags.announce = True
@@ -502,7 +506,7 @@ class Election:
                     except OSError:
                         break  # buffer full or link down: the director's burst deals with it
                     if first is None:
-                        first = time.monotonic()
+                        first = self.clock()
                     k += 1
                 sent[kind] = k
                 if k < len(frames):
@@ -521,7 +525,7 @@ class Election:
         self.transport.send(encode_advert(msg, self.keys.signing))
         self.sent += 1
         if action.state is State.MASTER:
-            now = time.monotonic()
+            now = self.clock()
             if self._last_master_sent is not None:
                 self.worst_master_gap_s = max(self.worst_master_gap_s, now - self._last_master_sent)
             self._last_master_sent = now
@@ -529,7 +533,7 @@ class Election:
             self._last_master_sent = None
 
     def snapshot(self) -> Snapshot:
-        now = time.monotonic()
+        now = self.clock()
         self._next_snapshot = now + SNAPSHOT_PERIOD_S
         transport = self.transport.counters() if self.transport is not None else TransportCounters()
         return Snapshot(now, self.fsm.status(now), self.sent, self.received, dict(self.rejected),
