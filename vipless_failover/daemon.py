@@ -49,7 +49,7 @@ from .tracking import Tracker
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 SHUTDOWN_HOOK_GRACE_S = 3.0  # notify hooks still queued or running at exit get this long
 #: the watchdog pings systemd only while the election's latest snapshot is this fresh
-SNAPSHOT_STALE_S = 2.0
+SNAPSHOT_STALE_S = 5.0
 
 
 class Daemon:

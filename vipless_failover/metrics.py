@@ -183,7 +183,7 @@ class DaemonCollector(Collector):
         yield _g("election_process_resident_memory_bytes", "Resident memory of the election process.",
                  el["rss_bytes"])
         yield _g("election_snapshot_age_seconds", "Age of the election process's latest report to the director "
-                 "(over 2: it is stuck, and the systemd watchdog is no longer pinged).", el["snapshot_age_s"])
+                 "(over 5: it is stuck, and the systemd watchdog is no longer pinged).", el["snapshot_age_s"])
 
         tr = _c("transitions", "State transitions by old state, new state and reason.",
                 labels=["from", "to", "reason"])

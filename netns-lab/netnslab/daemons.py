@@ -367,6 +367,17 @@ class Cluster:
     def states(self) -> dict[str, str | None]:
         return {d.tag: (d.state() if d.running else None) for d in self.daemons.values()}
 
+    def hold(self, expected: dict[str, str], seconds: float) -> None:
+        """Assert that the states stay exactly ``expected`` for ``seconds`` (sampled
+        through failoverctl every 0.2 s)."""
+        end = time.monotonic() + seconds
+        while True:
+            states = self.states()
+            assert states == expected, (states, expected)
+            if time.monotonic() >= end:
+                return
+            time.sleep(0.2)
+
 
 def children(pid: int) -> list[int]:
     """The PIDs of ``pid``'s children (from /proc; none if it has gone)."""

@@ -38,22 +38,13 @@ def _takeover_ms(backup: Daemon, t_signal: float, timeout: float = 5.0) -> float
     return (t - t_signal) * 1000
 
 
-def _hold(cluster: Cluster, expected: dict[str, str], seconds: float) -> None:
-    """The states stay exactly as expected for ``seconds`` (sampled through failoverctl)."""
-    end = time.monotonic() + seconds
-    while True:
-        assert cluster.states() == expected
-        if time.monotonic() >= end:
-            return
-        time.sleep(0.2)
-
 
 def test_pair_elects_exactly_one_master(pair: Cluster) -> None:
     a, b = pair["director-a"], pair["director-b"]
     # the higher priority wins (b may be master for a moment if its process started first)
     master = pair.wait_converged(CONVERGE_S, "director-a")
     assert master is a
-    _hold(pair, {"director-a": "MASTER", "director-b": "BACKUP"}, 1.5)
+    pair.hold({"director-a": "MASTER", "director-b": "BACKUP"}, 1.5)
     st_a, st_b = a.status(), b.status()
     assert st_a is not None and st_b is not None
     assert st_a["node"] == "director-a" and st_a["priority"] == A_PRIO
@@ -68,7 +59,7 @@ def test_pair_elects_exactly_one_master(pair: Cluster) -> None:
     assert b_states[-1] == "BACKUP" and b_states.count("MASTER") <= 1
     # and after convergence, nothing moves
     settled = {d.tag: _transitions_summary(d) for d in pair}
-    _hold(pair, {"director-a": "MASTER", "director-b": "BACKUP"}, 1.0)
+    pair.hold({"director-a": "MASTER", "director-b": "BACKUP"}, 1.0)
     assert {d.tag: _transitions_summary(d) for d in pair} == settled
 
 
@@ -108,7 +99,7 @@ def test_restarted_higher_priority_node_with_preempt_takes_back(pair: Cluster) -
     a.wait_transition("MASTER", CONVERGE_S, after=t_start)
     b.wait_transition("BACKUP", CONVERGE_S, after=t_start)
     assert pair.wait_converged(CONVERGE_S, "director-a") is a
-    _hold(pair, {"director-a": "MASTER", "director-b": "BACKUP"}, 1.0)
+    pair.hold({"director-a": "MASTER", "director-b": "BACKUP"}, 1.0)
 
 
 def test_restarted_higher_priority_node_without_preempt_stays_backup(
@@ -127,7 +118,7 @@ def test_restarted_higher_priority_node_without_preempt_stays_backup(
     a.start()
     a.wait_transition("BACKUP", CONVERGE_S)
     # well past master-down and any preempt: a stays BACKUP, b stays MASTER
-    _hold(pair, {"director-a": "BACKUP", "director-b": "MASTER"}, master_down_ms(INTERVAL, A_PRIO) / 1000 + 1.5)
+    pair.hold({"director-a": "BACKUP", "director-b": "MASTER"}, master_down_ms(INTERVAL, A_PRIO) / 1000 + 1.5)
     assert "MASTER" not in [t[1] for t in _transitions_summary(a)]
     st = a.status()
     assert st is not None and st["master"]["node"] == "director-b"
@@ -152,7 +143,7 @@ def test_third_node_with_wrong_key_never_influences_the_election(
     # it hears no authentic advert, so it makes itself master (and advertises priority 254) ...
     intruder.wait_transition("MASTER", CONVERGE_S, after=t0)
     # ... and the real pair does not care
-    _hold(pair, {"director-a": "MASTER", "director-b": "BACKUP"}, 2.0)
+    pair.hold({"director-a": "MASTER", "director-b": "BACKUP"}, 2.0)
     _assert_unmoved(pair, before)
     # not for want of hearing it: both counted its adverts as rejected
     for d in pair:

@@ -77,14 +77,6 @@ def _flood_result(lab: Lab, sp: Any, timeout: float) -> dict[str, Any]:
     return json.loads(out[-1])
 
 
-def _assert_states_hold(cluster: Cluster, expected: dict[str, str], seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while True:
-        assert cluster.states() == expected
-        if time.monotonic() >= end:
-            return
-        time.sleep(0.2)
-
 
 def test_a_restarted_survivor_is_not_held_by_adverts_replayed_from_an_old_capture(
         make_cluster: Callable[..., Cluster], lab: Lab) -> None:
@@ -132,7 +124,7 @@ def test_one_advert_with_counter_2_64_minus_1_does_not_poison_the_master(pair: C
     before = _rejected(b)
     _flood_result(lab, _send(lab, b, kinds="given", count=1, duration=1.0, src_ip=str(lab.director(A).ip4),
                              payload=poison), timeout=10)
-    _assert_states_hold(pair, {A: "MASTER", B: "BACKUP"}, 3.0)
+    pair.hold({A: "MASTER", B: "BACKUP"}, 3.0)
     after = _rejected(b)
     assert after.get("future", 0) - before.get("future", 0) == 1, after
     assert after.get("replay", 0) == before.get("replay", 0), after  # a's real adverts still accepted
@@ -165,7 +157,7 @@ def test_key_rotation_by_the_documented_procedure_moves_nothing(pair: Cluster, l
     for what, changes in steps:
         for d, key_file, accept in changes:
             _set_keys(d, key_file, accept)
-            _assert_states_hold(pair, {A: "MASTER", B: "BACKUP"}, 1.0)
+            pair.hold({A: "MASTER", B: "BACKUP"}, 1.0)
         for d in (a, b):
             assert _rejected(d).get("auth", 0) == 0, (what, d.tag, _rejected(d))
             assert len(d.transitions()) == transitions[d.tag], (what, d.tag, d.transitions())
@@ -177,7 +169,7 @@ def test_key_rotation_by_the_documented_procedure_moves_nothing(pair: Cluster, l
         assert keys["signing"] == fingerprint(new.read_bytes().strip()) and keys["accepted"] == [], keys
         assert any(e.get("event") == "keys_reloaded" for e in d.events(current_run=True))
     assert (b.status() or {})["keys"]["peers"] == {A: "signing"}
-    _assert_states_hold(pair, {A: "MASTER", B: "BACKUP"}, 1.0)
+    pair.hold({A: "MASTER", B: "BACKUP"}, 1.0)
 
 
 def test_a_peer_restarted_with_another_key_is_named_by_auth_failed(make_cluster: Callable[..., Cluster],

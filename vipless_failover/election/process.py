@@ -18,7 +18,7 @@ The channel is a ``socketpair(AF_UNIX, SOCK_SEQPACKET)``: one pickled message pe
 datagram, both ends the same code of the same process image (nothing else can write
 to it). Down: :class:`Setup` (at start and on every reload) and the FSM's commands.
 Up: :class:`Ready` or :class:`Failed` (after the first Setup), a :class:`Step` per
-input that did something, a :class:`Snapshot` with every step and twice a second (the
+input that did something, a :class:`Snapshot` with every step and every 2 s (the
 director's ``status``, metrics and watchdog read the latest).
 
 The director's reconcile of the delivery rules must never undo a flip it has not yet
@@ -58,7 +58,7 @@ from .trust import KeyRing, PeerTrouble
 #: its timeout up to the next millisecond)
 PRECISE_LEAD_S = 0.002
 #: a snapshot goes up at least this often (the director's watchdog checks its age)
-SNAPSHOT_PERIOD_S = 0.5
+SNAPSHOT_PERIOD_S = 2.0
 #: the channel's buffers: a Setup carries the flip's rules and the lead frames
 CHANNEL_BUFFER = 4 << 20
 #: how long the election process waits for a full channel to take its last messages
