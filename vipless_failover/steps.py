@@ -287,7 +287,7 @@ class StepRunner:
         d = self.d
         entry = {"from": old.name, "to": new.name, "reason": reason, "at": step.decided_wall}
         self.history.append(entry)
-        st = step.snapshot.status if step.snapshot is not None else self.snap.status
+        st = self.snap.status  # the step's own snapshot (set before its actions)
         # decided_at: when the election decided (unix time); a takeover's flip and first
         # announcement went out before the election process sent this step
         d.log.info("transition", **{"from": old.name, "to": new.name}, reason=reason,

@@ -22,7 +22,7 @@ import asyncio
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..config import Config
@@ -38,6 +38,27 @@ SLICE_FRAMES = 256
 #: frames sent in line by ``start()``, before it returns: the router hears of a takeover
 #: before anything else the daemon does then (the rest follows in the burst task)
 LEAD_FRAMES = 8
+
+
+def send_frames(sock: socket.socket, lead: Iterable[tuple[AnnounceKind, Iterable[bytes]]],
+                ) -> tuple[dict[AnnounceKind, int], float | None]:
+    """Send ``lead`` (frames by kind) in order on a packet socket, stopping at the first
+    frame that does not go (buffer full, link down: the burst deals with it). Returns
+    how many of each kind went out, and when the first did (``time.monotonic()``). The
+    announcer's lead and the election process's (election/process.py) both use it."""
+    sent: dict[AnnounceKind, int] = {}
+    first = None
+    for kind, frames in lead:
+        sent[kind] = 0
+        for frame in frames:
+            try:
+                sock.send(frame)
+            except OSError:
+                return sent, first
+            if first is None:
+                first = time.monotonic()
+            sent[kind] += 1
+    return sent, first
 
 
 class Announcer:
@@ -146,8 +167,10 @@ class Announcer:
         """The frames :meth:`start` sends first (within the rate's first allowance), for
         the election process to send at the takeover itself. Next-hop mode has none:
         its frames mean something only once the address is added (in this process)."""
-        if self.mode != "per-vip":
-            return ()
+        return self._lead_slices() if self.mode == "per-vip" else ()
+
+    def _lead_slices(self) -> tuple[tuple[AnnounceKind, tuple[bytes, ...]], ...]:
+        """The first frames of each segment, within the rate's first allowance."""
         budget = self._lead_budget()
         out = []
         for key, frames in self._segments:
@@ -184,23 +207,12 @@ class Announcer:
     def _lead(self) -> dict[AnnounceKind, int]:
         """Send the burst's first frames now (within the rate's first allowance).
         Returns how many of each segment went out; the burst goes on from there."""
-        sock = self._sock
-        assert sock is not None
-        budget = self._lead_budget()
-        done: dict[AnnounceKind, int] = {}
-        for key, frames in self._segments:
-            k = 0
-            while k < len(frames) and budget > 0:
-                try:
-                    sock.send(frames[k])
-                except OSError:
-                    return done | {key: k}  # buffer full or link down: the burst deals with it
-                if self.first_sent_at is None:
-                    self.first_sent_at = time.monotonic()
-                self.sent[key] += 1
-                k += 1
-                budget -= 1
-            done[key] = k
+        assert self._sock is not None
+        done, first = send_frames(self._sock, self._lead_slices())
+        if first is not None and self.first_sent_at is None:
+            self.first_sent_at = first
+        for key, n in done.items():
+            self.sent[key] += n
         return done
 
     def stop(self) -> None:

@@ -44,14 +44,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..announce.burst import send_frames
 from ..announce.link import packet_socket
 from ..config import Config
 from ..dataplane.desired import RuleSpec
 from ..dataplane.rules import RuleFlipper
+from ..sched import RESET_ON_FORK
 from ..telemetry import AdvertCounters, AnnounceKind, RejectReason, TransportCounters
 from . import fsm
 from .protocol import Advert, AdvertDecoder, AdvertRejected, State, encode_advert, next_counter
-from .transport import AdvertTransport
+from .transport import SO_RCVBUFFORCE, AdvertTransport
 from .trust import KeyRing, PeerTrouble
 
 #: the master-down timer wakes this early, then spins to the exact time (epoll rounds
@@ -64,6 +66,7 @@ CHANNEL_BUFFER = 4 << 20
 #: how long the election process waits for a full channel to take its last messages
 EXIT_FLUSH_S = 1.0
 PR_SET_PDEATHSIG = 1
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +193,7 @@ class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         sock.setblocking(False)
-        for opt, force in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # SO_*BUFFORCE
+        for opt, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, CHANNEL_BUFFER)
             except OSError:
@@ -448,14 +451,12 @@ class Election:
         """Carry out ``actions`` in order; what ends a client's outage first: a takeover's
         flip and first frames before the rest of its step. The rest goes up as one Step."""
         done: dict[int, Flipped | LeadSent] = {}
-        for i, a in enumerate(actions):  # the takeover's flip, then its first frames
-            if isinstance(a, fsm.InstallDelivery):
-                done[i] = self._flip(True)
-                for j, b in enumerate(actions):
-                    if isinstance(b, fsm.StartAnnounce):
-                        done[j] = self._lead()
-                        break
-                break
+        flip = next((i for i, a in enumerate(actions) if isinstance(a, fsm.InstallDelivery)), None)
+        if flip is not None:  # a takeover: its flip, then its first frames
+            done[flip] = self._flip(True)
+            lead = next((i for i, a in enumerate(actions) if isinstance(a, fsm.StartAnnounce)), None)
+            if lead is not None:
+                done[lead] = self._lead()
         up: list[fsm.Action] = []
         up_done: dict[int, Flipped | LeadSent] = {}
         for i, a in enumerate(actions):
@@ -495,23 +496,9 @@ class Election:
 
     def _lead(self) -> LeadSent:
         self.flags.announce = True
-        sent: dict[AnnounceKind, int] = {}
-        first = None
-        if self.packet is not None:
-            for kind, frames in self.lead:
-                k = 0
-                for frame in frames:
-                    try:
-                        self.packet.send(frame)
-                    except OSError:
-                        break  # buffer full or link down: the director's burst deals with it
-                    if first is None:
-                        first = self.clock()
-                    k += 1
-                sent[kind] = k
-                if k < len(frames):
-                    break
-        return LeadSent(sent, first)
+        if self.packet is None:
+            return LeadSent({}, None)
+        return LeadSent(*send_frames(self.packet, self.lead))
 
     def _send(self, action: fsm.SendAdvert) -> None:
         if self.transport is None:
@@ -658,7 +645,7 @@ DIRECTOR_BELOW = 5
 def lower_director() -> None:
     """The director (everything but the election) at a lower real-time priority than
     the election process, which it can then never preempt; at normal priority, as it is."""
-    policy = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)
+    policy = os.sched_getscheduler(0) & ~RESET_ON_FORK
     if policy not in (os.SCHED_RR, os.SCHED_FIFO):
         return
     prio = os.sched_getparam(0).sched_priority
